@@ -1,0 +1,45 @@
+"""One weight matrix (or stack of expert matrices) in MLX's quantized form.
+
+Every loader (official checkpoint, converted MLX tiers, GGUF) returns weights keyed by the
+official checkpoint names (`layers.3.attn.wq_a.weight`, `embed.weight`, …) with each value either
+a plain `mx.array` or a `QuantizedTensor`. Routed experts are returned stacked, one entry per
+projection and layer, without the expert index in the name:
+`layers.L.ffn.experts.w1.weight` → logical shape [n_experts, out, in] (likewise w2, w3).
+The forward pass only ever sees this type, so it does not care where the bytes came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass
+class QuantizedTensor:
+    weight: mx.array  # packed uint32 [..., out, in * bits / 32]
+    scales: mx.array  # [..., out, in / group_size]; uint8 e8m0 for mx* modes
+    biases: mx.array | None  # affine mode only
+    mode: str  # "affine" | "mxfp4" | "mxfp8"
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Logical (dequantized) shape."""
+        *lead, packed = self.weight.shape
+        return (*lead, packed * 32 // self.bits)
+
+    def dequantize(self, dtype: mx.Dtype = mx.float32) -> mx.array:
+        w = mx.dequantize(
+            self.weight,
+            self.scales,
+            self.biases,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+        return w.astype(dtype)
+
+
+Weight = mx.array | QuantizedTensor

@@ -1,0 +1,1 @@
+"""Named sessions: transcripts and on-disk KV snapshots (store, budget, integrity)."""
