@@ -76,6 +76,42 @@ def _agent_parser() -> Parser:
     p.add_argument("--fork-session", action="store_true", help="fork the resumed session")
     p.add_argument("--output-format", choices=["text", "json", "stream-json"], default="text")
     p.add_argument("--ctx", type=int, metavar="N", help="context size in tokens")
+    p.add_argument(
+        "--max-turns", type=int, metavar="N", help="at most N tool rounds for the task (exit 3)"
+    )
+    p.add_argument(
+        "--permission-mode",
+        metavar="MODE",
+        help="read-only | ask | auto-edit | full-auto (Claude Code names accepted)",
+    )
+    p.add_argument(
+        "--allow", action="append", metavar="RULE", help="allow rule, e.g. 'Bash(npm test)'"
+    )
+    p.add_argument(
+        "--deny", action="append", metavar="RULE", help="deny rule, e.g. 'Bash(git push:*)'"
+    )
+    think = p.add_mutually_exclusive_group()
+    think.add_argument(
+        "--think",
+        dest="thinking_mode",
+        action="store_const",
+        const="thinking",
+        help="reason first (default)",
+    )
+    think.add_argument(
+        "--nothink",
+        dest="thinking_mode",
+        action="store_const",
+        const="chat",
+        help="answer without reasoning",
+    )
+    think.add_argument(
+        "--think-max",
+        dest="thinking_mode",
+        action="store_const",
+        const="max",
+        help="maximum reasoning effort",
+    )
     return p
 
 
