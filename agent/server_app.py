@@ -1,0 +1,277 @@
+"""The HTTP application: routes, authentication, body limits, error shapes.
+
+Nothing a client sends names a file: requests carry messages and knobs only; the model, the
+snapshot directory and the replay map are fixed at start-up, and tool-call ids are hashed
+before they touch a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ds4_agent.agent.server_anthropic import KEEPALIVE as ANTH_KEEPALIVE
+from ds4_agent.agent.server_anthropic import AnthropicResponse
+from ds4_agent.agent.server_convert import GenRequest, from_anthropic, from_openai
+from ds4_agent.agent.server_errors import ApiError, Dialect, from_validation_error
+from ds4_agent.agent.server_events import Accepted, Done, Event, Failed, Usage
+from ds4_agent.agent.server_openai import KEEPALIVE as OAI_KEEPALIVE
+from ds4_agent.agent.server_openai import OpenAIResponse
+from ds4_agent.agent.server_render import render_prompt
+from ds4_agent.agent.server_replay import ReplayMap
+from ds4_agent.agent.server_schemas import ChatCompletionRequest, MessagesRequest
+from ds4_agent.agent.server_worker import Job, Worker
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("ds4_agent.server")
+
+DEFAULT_MAX_BODY = 32 * 1024 * 1024
+
+
+@dataclass
+class AppConfig:
+    model_name: str
+    fingerprint: str
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    keepalive_s: float = 10.0
+    default_thinking: bool = True
+    aliases: list[str] = field(default_factory=list)
+
+
+def _dialect(request: Request) -> Dialect:
+    return "anthropic" if request.url.path.startswith("/v1/messages") else "openai"
+
+
+def _error(err: ApiError, dialect: Dialect) -> JSONResponse:
+    return JSONResponse(err.body(dialect), status_code=err.status)
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    try:
+        data = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return data
+
+
+def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
+    app = FastAPI(title="ds4-agent", docs_url=None, redoc_url=None, openapi_url=None)
+    models = [config.model_name, *config.aliases]
+    key = config.api_key.encode() if config.api_key else None
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):  # type: ignore[no-untyped-def]
+        if key is not None and request.url.path.startswith("/v1/"):
+            got = request.headers.get("x-api-key", "")
+            auth = request.headers.get("authorization", "")
+            if auth[:7].lower() == "bearer ":
+                got = auth[7:].strip()
+            # compare_digest: the time taken does not depend on how much of the key matched.
+            if not hmac.compare_digest(got.encode(), key):
+                msg = (
+                    "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+                    if not got
+                    else "invalid API key"
+                )
+                return _error(ApiError(401, msg, code="invalid_api_key"), _dialect(request))
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc, _dialect(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        msg = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
+        if exc.status_code == 405:
+            msg = f"method {request.method} is not allowed on {request.url.path}"
+        return _error(ApiError(exc.status_code, msg), _dialect(request))
+
+    def check_model(name: str, dialect: Dialect) -> None:
+        if name not in models:
+            raise ApiError(
+                404,
+                f"model '{name}' is not served here; available: {', '.join(models)}",
+                param="model",
+                code="model_not_found",
+            )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "busy": worker.busy, "queued": worker.queued()}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(m) for m in models]}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        check_model(model_id, "openai")
+        return _model_card(model_id)
+
+    async def submit(request: Request, gen: GenRequest, prefix: str) -> tuple[Job, Event]:
+        prompt = await asyncio.to_thread(render_prompt, gen, replay)
+        job = Job(gen, prompt, asyncio.get_running_loop(), asyncio.Queue(), id_prefix=prefix)
+        worker.submit(job)
+        # Wait until the worker has tokenized the prompt (or refused it), watching for a
+        # client that gives up while queued.
+        while True:
+            try:
+                ev = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel.set()
+                    raise ApiError(400, "client disconnected") from None
+                continue
+            if isinstance(ev, Failed):
+                raise ApiError(ev.status, ev.message, param=ev.param)
+            return job, ev
+
+    async def events(job: Job, keepalive: bytes) -> AsyncIterator[Event | bytes]:
+        """Worker events; `keepalive` whenever nothing happened for a while."""
+        while True:
+            try:
+                ev = await asyncio.wait_for(job.events.get(), timeout=config.keepalive_s)
+            except TimeoutError:
+                yield keepalive
+                continue
+            yield ev
+            if isinstance(ev, Done | Failed):
+                return
+
+    async def collect(request: Request, job: Job, sink: Any) -> None:
+        while True:
+            try:
+                ev = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel.set()
+                    return
+                continue
+            if isinstance(ev, Failed):
+                raise ApiError(ev.status, ev.message, param=ev.param)
+            sink.on(ev)
+            if isinstance(ev, Done):
+                return
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        raw = await _read_json(request, config.max_body_bytes)
+        try:
+            req = ChatCompletionRequest.model_validate(raw)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        check_model(req.model, "openai")
+        gen = from_openai(req, raw, config.default_thinking)
+        job, first = await submit(request, gen, "call_")
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        out = OpenAIResponse(req.model, config.fingerprint, include_usage)
+        if isinstance(first, Done):  # cancelled before it started
+            out.on(first)
+            return JSONResponse(out.body())
+        if not req.stream:
+            await collect(request, job, out)
+            return JSONResponse(out.body())
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield out.start()
+                async for ev in events(job, OAI_KEEPALIVE):
+                    if isinstance(ev, bytes):
+                        yield ev
+                    elif isinstance(ev, Failed):
+                        yield _stream_error(ev)
+                        return
+                    else:
+                        for frame in out.on(ev):
+                            yield frame
+            finally:
+                job.cancel.set()  # no-op when finished; stops the worker when the client left
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        raw = await _read_json(request, config.max_body_bytes)
+        try:
+            req = MessagesRequest.model_validate(raw)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        check_model(req.model, "anthropic")
+        gen = from_anthropic(req, raw)
+        job, first = await submit(request, gen, "toolu_")
+        out = AnthropicResponse(req.model)
+        if isinstance(first, Done):
+            out.on(first)
+            return JSONResponse(out.body())
+        assert isinstance(first, Accepted)
+        if not req.stream:
+            await collect(request, job, out)
+            return JSONResponse(out.body())
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield out.start(Usage(first.prompt_tokens, first.cached_tokens, 0))
+                async for ev in events(job, ANTH_KEEPALIVE):
+                    if isinstance(ev, bytes):
+                        yield ev
+                    elif isinstance(ev, Failed):
+                        yield _stream_error(ev, anthropic=True)
+                        return
+                    else:
+                        for frame in out.on(ev):
+                            yield frame
+            finally:
+                job.cancel.set()
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> dict[str, Any]:
+        raw = await _read_json(request, config.max_body_bytes)
+        raw.setdefault("max_tokens", 1)
+        try:
+            req = MessagesRequest.model_validate(raw)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        check_model(req.model, "anthropic")
+        prompt = await asyncio.to_thread(render_prompt, from_anthropic(req, raw), replay)
+        n = await asyncio.to_thread(lambda: len(worker.tok.encode_trusted(prompt)))
+        return {"input_tokens": n}
+
+    return app
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "ds4-agent"}
+
+
+def _stream_error(ev: Failed, anthropic: bool = False) -> bytes:
+    err = ApiError(ev.status, ev.message, param=ev.param)
+    data = json.dumps(err.body("anthropic" if anthropic else "openai"), ensure_ascii=False)
+    prefix = b"event: error\n" if anthropic else b""
+    return prefix + b"data: " + data.encode() + b"\n\n"

@@ -1,0 +1,92 @@
+"""Render a request's messages into the prompt text the model reads.
+
+Rendering is the official V4 encoder (`prompts.encoding.encode_messages`), byte for byte, with
+one server addition: assistant turns whose tool-call ids the server issued are replayed exactly
+as sampled (reasoning and DSML bytes, see `server_replay`), so a client's JSON history renders
+to the same text as the live KV state and the previous turn is reused instead of prefilled.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ds4_agent.agent.server_convert import GenRequest
+from ds4_agent.agent.server_errors import ApiError
+from ds4_agent.agent.server_replay import ReplayMap
+
+EOS_TEXT = "<｜end▁of▁sentence｜>"
+DSML = "｜DSML｜"
+
+
+def canonical_calls(tool_calls: list[dict[str, Any]]) -> str:
+    """The tool-calls block exactly as the official encoder writes it (spec §5.2)."""
+    invokes = []
+    for tc in tool_calls:
+        fn = tc["function"]
+        try:
+            args = json.loads(fn["arguments"])
+            if not isinstance(args, dict):
+                raise ValueError
+        except ValueError:
+            args = {"arguments": fn["arguments"]}
+        params = []
+        for k, v in args.items():
+            if isinstance(v, str):
+                params.append(f'<{DSML}parameter name="{k}" string="true">{v}</{DSML}parameter>')
+            else:
+                text = json.dumps(v, ensure_ascii=False)
+                params.append(
+                    f'<{DSML}parameter name="{k}" string="false">{text}</{DSML}parameter>'
+                )
+        invokes.append(
+            f'<{DSML}invoke name="{fn["name"]}">\n' + "\n".join(params) + f"\n</{DSML}invoke>"
+        )
+    return f"\n\n<{DSML}tool_calls>\n" + "\n".join(invokes) + f"\n</{DSML}tool_calls>"
+
+
+@dataclass
+class _Swap:
+    content: str
+    canonical: str
+    exact: str
+
+
+def render_prompt(gen: GenRequest, replay: ReplayMap | None) -> str:
+    """The full prompt text (BOS included) ending with the assistant prefix to generate from."""
+    from ds4_agent.prompts.encoding import encode_messages
+
+    messages = copy.deepcopy(gen.messages)
+    swaps: list[_Swap] = []
+    for m in messages:
+        if m["role"] != "assistant" or not m.get("tool_calls") or replay is None:
+            continue
+        rec = replay.get(m["tool_calls"][0].get("id", ""))
+        if rec is None or [tc.get("id") for tc in m["tool_calls"]] != list(rec.call_ids):
+            continue
+        # The client often drops reasoning; the live state holds what was sampled.
+        m["reasoning_content"] = rec.reasoning
+        if m.get("content", "") != rec.content:
+            continue  # the client edited the turn: render what it sent
+        swaps.append(_Swap(rec.content, canonical_calls(m["tool_calls"]), rec.dsml))
+    try:
+        prompt = encode_messages(
+            messages,
+            thinking_mode=gen.thinking_mode,
+            drop_thinking=True,
+            reasoning_effort=gen.reasoning_effort,
+        )
+    except (AssertionError, ValueError, KeyError, TypeError) as e:
+        raise ApiError(400, f"cannot render these messages: {e}", param="messages") from e
+    cursor = 0
+    for s in swaps:
+        needle = s.content + s.canonical + EOS_TEXT
+        at = prompt.find(needle, cursor)
+        if at < 0:
+            continue
+        start = at + len(s.content)
+        prompt = prompt[:start] + s.exact + prompt[start + len(s.canonical) :]
+        cursor = start + len(s.exact)
+    return prompt
