@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ds4_agent.agent import cmd_bench, cmd_debug, cmd_doctor, cmd_model, cmd_sessions
+from ds4_agent.agent import cmd_bench, cmd_debug, cmd_doctor, cmd_model, cmd_serve, cmd_sessions
 from ds4_agent.agent.version import package_version
 
 GROUPS = {
@@ -21,6 +21,7 @@ GROUPS = {
     "debug": (cmd_debug, "engine and protocol diagnostics (tokenize, render, parse, logits)"),
     "bench": (cmd_bench, "measure prefill/decode speed and memory"),
     "doctor": (cmd_doctor, "check this machine: backend, memory, disk, installed models"),
+    "serve": (cmd_serve, "OpenAI- and Anthropic-compatible HTTP API over the local model"),
 }
 
 # Exit codes (documented in the README): 0 ok, 1 runtime failure, 2 usage error,
