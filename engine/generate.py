@@ -1,0 +1,232 @@
+"""`Engine`: load a DeepSeek V4 checkpoint, prefill in chunks, decode, generate.
+
+    engine = Engine.load(model_dir, numerics="official")   # or "exact"
+    state = engine.new_state()
+    logits = engine.prefill(state, ids, chunk_size=256, progress=cb, should_stop=cb)
+    for tok in engine.generate(state, Sampler(SamplerConfig()), max_tokens=100):
+        ...
+
+`prefill` and `decode` return the last position's logits as an `mx.array` float32 [vocab].
+The device is synchronised once per chunk / per decoded token (`mx.eval`), never inside the
+layer loop. Cancellation is checked between chunks and raises `Cancelled`; the state then
+holds exactly the chunks that completed (a valid prefix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from ds4_agent.engine.config import ModelConfig
+from ds4_agent.engine.model import NUMERICS, Model
+from ds4_agent.engine.qtensor import Weight
+from ds4_agent.engine.sampling import Sampler
+from ds4_agent.engine.state import DecodeState, new_layer_state
+from ds4_agent.engine.state_export import StateExport
+from ds4_agent.engine.weights import load_weights, materialize
+
+DEFAULT_CHUNK = 256
+
+
+class Cancelled(Exception):
+    """Prefill stopped between chunks because `should_stop()` returned True."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"prefill cancelled after {done} of {total} tokens")
+        self.done, self.total = done, total
+
+
+def _load_weights(model_dir: Path) -> dict[str, Weight]:
+    weights = load_weights(model_dir)
+    materialize(weights)  # one layer at a time: bounded peak memory, no lazy reads later
+    return weights
+
+
+def checkpoint_fingerprint(model_dir: Path, numerics: str) -> str:
+    """Cheap content fingerprint: config, index, every shard's header (names, dtypes, shapes =
+    the quantization scheme) and sampled data blocks, plus the numerics mode."""
+    h = hashlib.sha256()
+    h.update(f"numerics={numerics}\n".encode())
+    for name in ("config.json", "model.safetensors.index.json"):
+        p = model_dir / name
+        if p.is_file():
+            h.update(name.encode() + b"\0" + p.read_bytes())
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        size = shard.stat().st_size
+        h.update(f"{shard.name}:{size}\n".encode())
+        with open(shard, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            h.update(f.read(n))
+            for off in (8 + n, (8 + n + size) // 2, max(8 + n, size - 65536)):
+                f.seek(off)
+                h.update(f.read(65536))
+    return h.hexdigest()[:32]
+
+
+class Engine:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, Weight],
+        numerics: str = "official",
+        fingerprint: str | None = None,
+    ):
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
+        self.config = config
+        self.numerics = numerics
+        self.model = Model(config, weights, numerics)
+        self.fingerprint = (
+            fingerprint
+            or hashlib.sha256((config.model_dump_json() + numerics).encode()).hexdigest()[:32]
+        )
+
+    @classmethod
+    def load(cls, model_dir: str | Path, numerics: str = "official") -> Engine:
+        model_dir = Path(model_dir)
+        cfg = ModelConfig.from_dir(model_dir)
+        weights = _load_weights(model_dir)
+        return cls(cfg, weights, numerics, checkpoint_fingerprint(model_dir, numerics))
+
+    # ------------------------------------------------------------------ state
+
+    def new_state(self) -> DecodeState:
+        return DecodeState.new(self.config, self.numerics)
+
+    def import_state(self, export: StateExport) -> DecodeState:
+        if export.numerics != self.numerics:
+            raise ValueError(
+                f"state was computed with numerics {export.numerics!r}; "
+                f"this engine runs {self.numerics!r} (load it with numerics={export.numerics!r})"
+            )
+        st = DecodeState.from_export(self.config, export)
+        mx.eval(*st.arrays())
+        return st
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_ids(self, ids: list[int]) -> None:
+        v = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < v]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {v})")
+
+    def prefill(
+        self,
+        state: DecodeState,
+        token_ids: Iterable[int],
+        chunk_size: int | None = DEFAULT_CHUNK,
+        progress: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> mx.array:
+        """Append tokens to the state; returns the last position's logits float32 [vocab]."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            if state.logits is None:
+                raise ValueError("prefill needs at least one token on an empty state")
+            return state.logits
+        self._check_ids(ids)
+        step = chunk_size or len(ids)
+        done = 0
+        logits = None
+        while done < len(ids):
+            if should_stop is not None and should_stop():
+                raise Cancelled(done, len(ids))
+            chunk = ids[done : done + step]
+            logits = self.model.forward(state, chunk)
+            mx.eval(logits, *state.arrays())
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(ids))
+        return logits
+
+    def forward_all(
+        self, state: DecodeState, token_ids: Iterable[int], chunk_size: int | None = None
+    ) -> np.ndarray:
+        """Like prefill but returns the logits of every input position, float32 [T, vocab]."""
+        ids = [int(t) for t in token_ids]
+        self._check_ids(ids)
+        step = chunk_size or max(len(ids), 1)
+        out = []
+        for a in range(0, len(ids), step):
+            lg = self.model.forward(state, ids[a : a + step], all_logits=True)
+            mx.eval(lg, *state.arrays())
+            out.append(np.array(lg, dtype=np.float32))
+        return np.concatenate(out) if out else np.zeros((0, self.config.vocab_size), np.float32)
+
+    def decode(self, state: DecodeState, token_id: int) -> mx.array:
+        """Append one token; returns the logits for the next position, float32 [vocab]."""
+        self._check_ids([int(token_id)])
+        logits = self.model.forward(state, [int(token_id)])
+        mx.eval(logits, *state.arrays())
+        return logits
+
+    def generate(
+        self,
+        state: DecodeState,
+        sampler: Sampler,
+        max_tokens: int,
+        stop_ids: Iterable[int] | None = None,
+        on_token: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        greedy_when: Callable[[DecodeState], bool] | None = None,
+    ) -> Iterator[int]:
+        """Sample up to `max_tokens` tokens after a prefill, yielding each id.
+
+        Every yielded token except a stop token is decoded into the state, so after the loop
+        the state holds the prompt plus the generated text; a stop token (EOS or one of
+        `stop_ids`) is yielded but *not* fed, leaving it to the next prefill. `greedy_when`
+        is asked before each step and forces argmax when it returns True (e.g. while DSML
+        structure is being emitted).
+        """
+        if state.logits is None:
+            raise ValueError("generate needs logits: prefill the prompt first")
+        stops = {self.config.eos_token_id, *(int(t) for t in (stop_ids or ()))}
+        logits = state.logits
+        for _ in range(max_tokens):
+            if should_stop is not None and should_stop():
+                return
+            greedy = bool(greedy_when(state)) if greedy_when is not None else False
+            tok = sampler.sample(logits, greedy=greedy)
+            if on_token is not None:
+                on_token(tok)
+            yield tok
+            if tok in stops:
+                return
+            logits = self.decode(state, tok)
+
+    # ------------------------------------------------------------------ MTP
+
+    def mtp_draft(self, state: DecodeState, token_id: int) -> mx.array:
+        """One MTP draft step for the token that follows the state: draft logits for the
+        position after it. The block's raw window lives on the state (not exported)."""
+        if not self.model.has_mtp():
+            raise ValueError("this checkpoint has no MTP block (mtp.0.* tensors)")
+        if state.last_streams is None:
+            raise ValueError("mtp_draft needs a prefilled state")
+        mtp = getattr(state, "mtp_layer", None)
+        if mtp is None:
+            mtp = new_layer_state(self.config, 0)
+            state.mtp_layer = mtp  # type: ignore[attr-defined]
+        logits, _ = self.model.mtp_step(state.last_streams, int(token_id), state.n_tokens, mtp)
+        mx.eval(logits, mtp.raw)
+        return logits
+
+
+def describe(engine: Engine) -> str:
+    c = engine.config
+    return json.dumps(
+        {
+            "layers": c.num_hidden_layers,
+            "ratios": c.ratios,
+            "hidden": c.hidden_size,
+            "vocab": c.vocab_size,
+            "numerics": engine.numerics,
+            "fingerprint": engine.fingerprint,
+        }
+    )

@@ -1,0 +1,547 @@
+"""DeepSeek V4 Flash forward pass in MLX (engine-spec §2).
+
+One function processes a chunk of S ≥ 1 consecutive tokens at absolute positions P..P+S-1
+against a `DecodeState` and updates it; prefill (any chunking) and decode are the same code.
+All shapes depend only on host integers (P, S, the row counts ⌊T/m⌋), so nothing inside the
+layer loop synchronises with the device (no `.item()` / `.tolist()`).
+
+Numerics modes (chosen at load, part of the fingerprint):
+- `official` (default): what the official reference computes (§2.8) — the stored KV rows (raw
+  window and compressed rows) are FP8 e4m3 round-tripped on their non-RoPE channels in blocks
+  of 64, and the indexer keys and queries are Hadamard-rotated then FP4 e2m1 round-tripped in
+  blocks of 32. Selection by the lightning indexer is only the model's graph with this.
+- `exact`: float32 everywhere, no rounding — the numerics of transformers'
+  `DeepseekV4ForCausalLM`, which the tests compare against.
+Activations are float32 in both modes (weights may be bf16 / mxfp8 / mxfp4 / affine).
+
+Weights are a dict keyed by official checkpoint names (`layers.3.attn.wq_a.weight`, …) with
+values `mx.array | QuantizedTensor`; routed experts are stacked per projection
+(`layers.L.ffn.experts.w1.weight`: [n_experts, out, in]).
+
+Shape legend: S = chunk length, D = hidden, H = heads, hd = head_dim, R = rope dims,
+hc = mHC streams, E = routed experts, k = experts per token, N = keys, W = window,
+Hi/Di = indexer heads/dim, n = compressed rows so far.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from ds4_agent.engine.config import ModelConfig
+from ds4_agent.engine.qtensor import QuantizedTensor, Weight
+from ds4_agent.engine.quant import fp4_e2m1_roundtrip, fp8_e4m3_roundtrip, hadamard
+from ds4_agent.engine.state import DecodeState, LayerState, ring_positions, ring_write
+
+NUMERICS = ("official", "exact")
+
+# --------------------------------------------------------------------------------------------
+# Primitives
+# --------------------------------------------------------------------------------------------
+
+
+def linear(x: mx.array, w: Weight) -> mx.array:
+    """x [..., in] · wᵀ, w [out, in] (plain or quantized) → [..., out] float32."""
+    if isinstance(w, QuantizedTensor):
+        return mx.quantized_matmul(
+            x,
+            w.weight,
+            w.scales,
+            w.biases,
+            transpose=True,
+            group_size=w.group_size,
+            bits=w.bits,
+            mode=w.mode,
+        ).astype(mx.float32)
+    return (x @ w.T).astype(mx.float32)
+
+
+def _rows(w: Weight, a: int, b: int) -> Weight:
+    """Output rows a..b of a (possibly quantized) matrix."""
+    if isinstance(w, QuantizedTensor):
+        return QuantizedTensor(
+            w.weight[a:b],
+            w.scales[a:b],
+            w.biases[a:b] if w.biases is not None else None,
+            w.mode,
+            w.bits,
+            w.group_size,
+        )
+    return w[a:b]
+
+
+def embed_rows(w: Weight, ids: mx.array) -> mx.array:
+    """Embedding lookup for int ids [S] → [S, D] float32."""
+    if isinstance(w, QuantizedTensor):
+        sub = QuantizedTensor(
+            w.weight[ids],
+            w.scales[ids],
+            w.biases[ids] if w.biases is not None else None,
+            w.mode,
+            w.bits,
+            w.group_size,
+        )
+        return sub.dequantize(mx.float32)
+    return w[ids].astype(mx.float32)
+
+
+def rms(x: mx.array, w: mx.array | None, eps: float) -> mx.array:
+    """RMSNorm over the last axis (float32); unweighted when w is None."""
+    x = x.astype(mx.float32)
+    y = x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y if w is None else y * w.astype(mx.float32)
+
+
+def rope_tables(inv_freq: mx.array, positions: mx.array) -> tuple[mx.array, mx.array]:
+    """positions [S] (float32) → cos, sin [S, R/2]. Angles in float32 like the reference."""
+    ang = positions.astype(mx.float32)[:, None] * inv_freq[None, :]
+    return mx.cos(ang), mx.sin(ang)
+
+
+def rope_tail(x: mx.array, cos: mx.array, sin: mx.array, inverse: bool = False) -> mx.array:
+    """Interleaved RoPE on the trailing R channels of x [S, ..., C]; cos/sin [S, R/2]."""
+    half = cos.shape[-1]
+    extra = x.ndim - 2
+    c = cos.reshape(cos.shape[0], *([1] * extra), half)
+    s = sin.reshape(sin.shape[0], *([1] * extra), half)
+    if inverse:
+        s = -s
+    nope, r = x[..., : -2 * half], x[..., -2 * half :]
+    r = r.reshape(*r.shape[:-1], half, 2)
+    x0, x1 = r[..., 0], r[..., 1]
+    y = mx.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1).reshape(*nope.shape[:-1], 2 * half)
+    return mx.concatenate([nope, y], axis=-1)
+
+
+def swiglu(g: mx.array, u: mx.array, limit: float) -> mx.array:
+    g = mx.minimum(g, limit)
+    u = mx.clip(u, -limit, limit)
+    return g * mx.sigmoid(g) * u
+
+
+# --------------------------------------------------------------------------------------------
+# Routed experts
+# --------------------------------------------------------------------------------------------
+
+
+def _gather_linear(x: mx.array, w: Weight, idx: mx.array, sorted_idx: bool) -> mx.array:
+    """x [..., 1, in] against experts idx [...] of stacked w [E, out, in] → [..., 1, out]."""
+    if isinstance(w, QuantizedTensor):
+        return mx.gather_qmm(
+            x,
+            w.weight,
+            w.scales,
+            w.biases,
+            rhs_indices=idx,
+            transpose=True,
+            group_size=w.group_size,
+            bits=w.bits,
+            mode=w.mode,
+            sorted_indices=sorted_idx,
+        ).astype(mx.float32)
+    return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_idx).astype(
+        mx.float32
+    )
+
+
+def routed_experts(
+    x: mx.array, idx: mx.array, w1: Weight, w2: Weight, w3: Weight, limit: float
+) -> mx.array:
+    """x [S, D], idx [S, k] → per-selection expert outputs [S, k, D].
+
+    For S > 1 the (token, expert) pairs are sorted by expert so that `gather_qmm` streams each
+    expert's weights once (`sorted_indices=True`), then unsorted.
+    """
+    s, k = idx.shape
+    if s == 1:
+        xe = x[:, None, None, :]  # [1, 1, 1, D]
+        h = swiglu(
+            _gather_linear(xe, w1, idx, False), _gather_linear(xe, w3, idx, False), limit
+        )  # [1, k, 1, I]
+        return _gather_linear(h, w2, idx, False)[:, :, 0, :]
+    flat = idx.reshape(-1)  # [S·k]
+    order = mx.argsort(flat)
+    inv = mx.argsort(order)
+    sidx = flat[order]
+    xs = x[order // k][:, None, :]  # [S·k, 1, D]
+    h = swiglu(_gather_linear(xs, w1, sidx, True), _gather_linear(xs, w3, sidx, True), limit)
+    y = _gather_linear(h, w2, sidx, True)[:, 0, :]  # [S·k, D]
+    return y[inv].reshape(s, k, -1)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    """Per-chunk constants shared by all layers."""
+
+    start: int  # absolute position of the chunk's first token
+    length: int  # S
+    tokens: mx.array  # int32 [S]
+    pos: np.ndarray  # int64 [S] absolute positions (host)
+    rope: dict[str, tuple[mx.array, mx.array]]  # "main"/"compress" → cos, sin [S, R/2]
+    official: bool
+
+
+class Model:
+    """The DeepSeek V4 network over a weight dict; stateless apart from its weights."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, Weight], numerics: str = "official"):
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
+        self.cfg = cfg
+        self.w = weights
+        self.numerics = numerics
+        self.inv_freq = {
+            "main": mx.array(cfg.rope_inv_freq(False), dtype=mx.float32),
+            "compress": mx.array(cfg.rope_inv_freq(True), dtype=mx.float32),
+        }
+        missing = [n for n in self._required_names() if n not in weights]
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[0]!r}"
+            )
+
+    def _required_names(self) -> list[str]:
+        names = ["embed.weight", "head.weight", "norm.weight", "hc_head_fn"]
+        for i, r in enumerate(self.cfg.ratios):
+            p = f"layers.{i}."
+            names += [p + "attn.wq_a.weight", p + "attn.wkv.weight", p + "ffn.experts.w1.weight"]
+            if r:
+                names.append(p + "attn.compressor.wkv.weight")
+            if r == 4:
+                names.append(p + "attn.indexer.wq_b.weight")
+            names.append(p + ("ffn.gate.tid2eid" if self.cfg.is_hash_layer(i) else "ffn.gate.bias"))
+        return names
+
+    # ------------------------------------------------------------------ mHC
+
+    def hc_pre(self, x: mx.array, p: str) -> tuple[mx.array, mx.array, mx.array]:
+        """x [S, hc, D] → block input a [S, D], post [S, hc], comb [S, hc, hc] (§2.2)."""
+        cfg, w = self.cfg, self.w
+        hc = cfg.hc_mult
+        s = x.shape[0]
+        flat = rms(x.reshape(s, -1), None, cfg.rms_norm_eps)  # [S, hc·D]
+        mix = flat @ w[p + "_fn"].astype(mx.float32).T  # [S, (2+hc)·hc]
+        base = w[p + "_base"].astype(mx.float32)
+        scale = w[p + "_scale"].astype(mx.float32)
+        pre = mx.sigmoid(mix[:, :hc] * scale[0] + base[:hc]) + cfg.hc_eps
+        post = 2 * mx.sigmoid(mix[:, hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+        comb = mix[:, 2 * hc :].reshape(s, hc, hc) * scale[2] + base[2 * hc :].reshape(hc, hc)
+        comb = mx.softmax(comb, axis=-1, precise=True) + cfg.hc_eps
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + cfg.hc_eps)
+        for _ in range(cfg.hc_sinkhorn_iters - 1):
+            comb = comb / (comb.sum(axis=-1, keepdims=True) + cfg.hc_eps)
+            comb = comb / (comb.sum(axis=-2, keepdims=True) + cfg.hc_eps)
+        a = (pre[:, :, None] * x).sum(axis=1)
+        return a, post, comb
+
+    @staticmethod
+    def hc_post(o: mx.array, x: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+        """X'[k] = post_k·o + Σ_j comb[j,k]·X[j]; o [S, D], x [S, hc, D]."""
+        return post[:, :, None] * o[:, None, :] + comb.swapaxes(-1, -2) @ x
+
+    def hc_head(self, x: mx.array, p: str) -> mx.array:
+        cfg, w = self.cfg, self.w
+        s = x.shape[0]
+        flat = rms(x.reshape(s, -1), None, cfg.rms_norm_eps)
+        mix = flat @ w[p + "hc_head_fn"].astype(mx.float32).T  # [S, hc]
+        pre = (
+            mx.sigmoid(
+                mix * w[p + "hc_head_scale"].astype(mx.float32)
+                + w[p + "hc_head_base"].astype(mx.float32)
+            )
+            + cfg.hc_eps
+        )
+        return (pre[:, :, None] * x).sum(axis=1)
+
+    # ------------------------------------------------------------------ compressor
+
+    def _compress(
+        self,
+        x: mx.array,
+        ctx: Ctx,
+        p: str,
+        ratio: int,
+        width: int,
+        front: dict[str, mx.array],
+        fkey: str,
+    ) -> mx.array | None:
+        """Feed the chunk to one compressor; returns the newly completed rows [nw, width] (normed
+        and RoPE'd, not yet rounded) or None, and updates the frontier in `front` (§2.4)."""
+        w = self.w
+        m = ratio
+        overlap = ratio == 4
+        cw = 2 * width if overlap else width  # projection width
+        c = linear(x, w[p + "wkv.weight"])  # [S, cw]
+        ape = w[p + "ape"].astype(mx.float32)  # [m, cw]
+        ape_idx = mx.array((ctx.pos % m).astype(np.int32))
+        g = linear(x, w[p + "wgate.weight"]) + ape[ape_idx]  # [S, cw]
+        kv_f, sc_f = front[fkey + "kv_state"], front[fkey + "score_state"]
+        cur0 = m if overlap else 0  # first slot of the current window
+        r = ctx.start % m  # rows of the current window already in the frontier
+        seq_kv = mx.concatenate([kv_f[cur0 : cur0 + r], c]) if r else c  # [r+S, cw]
+        seq_g = mx.concatenate([sc_f[cur0 : cur0 + r], g]) if r else g
+        total = r + ctx.length
+        nw, rem = divmod(total, m)
+        rows = None
+        if nw:
+            win_kv = seq_kv[: nw * m].reshape(nw, m, cw)
+            win_g = seq_g[: nw * m].reshape(nw, m, cw)
+            if overlap:
+                # Row w pools the A-halves of window w-1 and the B-halves of window w (8 slots).
+                prev_kv = mx.concatenate([kv_f[None, :m, :width], win_kv[:-1, :, :width]])
+                prev_g = mx.concatenate([sc_f[None, :m, :width], win_g[:-1, :, :width]])
+                slot_kv = mx.concatenate([prev_kv, win_kv[:, :, width:]], axis=1)  # [nw, 2m, w]
+                slot_g = mx.concatenate([prev_g, win_g[:, :, width:]], axis=1)
+            else:
+                slot_kv, slot_g = win_kv, win_g  # [nw, m, width]
+            pooled = (mx.softmax(slot_g, axis=1, precise=True) * slot_kv).sum(axis=1)
+            rows = rms(pooled, w[p + "norm.weight"], self.cfg.rms_norm_eps)  # [nw, width]
+            w0 = (ctx.start - r) // m
+            wpos = mx.array(((w0 + np.arange(nw)) * m).astype(np.float32))
+            cos, sin = rope_tables(self.inv_freq["compress"], wpos)
+            rows = rope_tail(rows, cos, sin)
+        # New frontier: current rows padded with (0, −inf); for CSA the last complete window
+        # becomes the "previous" half.
+        pad = m - rem
+        cur_kv = seq_kv[nw * m :]
+        cur_g = seq_g[nw * m :]
+        if pad:
+            cur_kv = mx.concatenate([cur_kv, mx.zeros((pad, cw), dtype=mx.float32)])
+            cur_g = mx.concatenate([cur_g, mx.full((pad, cw), -mx.inf, dtype=mx.float32)])
+        if overlap:
+            prev_kv_full = win_kv[-1] if nw else kv_f[:m]
+            prev_g_full = win_g[-1] if nw else sc_f[:m]
+            cur_kv = mx.concatenate([prev_kv_full, cur_kv])
+            cur_g = mx.concatenate([prev_g_full, cur_g])
+        front[fkey + "kv_state"], front[fkey + "score_state"] = cur_kv, cur_g
+        return rows
+
+    def _round_kv(self, kv: mx.array, official: bool) -> mx.array:
+        """FP8-simulate the non-RoPE channels of KV rows [..., hd] in official numerics."""
+        if not official:
+            return kv
+        nd = self.cfg.nope_dim
+        return mx.concatenate([fp8_e4m3_roundtrip(kv[..., :nd], 64), kv[..., nd:]], axis=-1)
+
+    @staticmethod
+    def _round_index(v: mx.array, official: bool) -> mx.array:
+        return fp4_e2m1_roundtrip(hadamard(v), 32) if official else v
+
+    # ------------------------------------------------------------------ attention
+
+    def attention(
+        self, x: mx.array, ctx: Ctx, p: str, st: LayerState, ratio: int, window: int
+    ) -> mx.array:
+        """x [S, D] (attn-normed) → [S, D]; updates the layer state (§2.4)."""
+        cfg, w = self.cfg, self.w
+        s = ctx.length
+        h, hd = cfg.num_attention_heads, cfg.head_dim
+        eps = cfg.rms_norm_eps
+        cos, sin = ctx.rope["compress" if ratio else "main"]
+
+        q_lat = rms(linear(x, w[p + "wq_a.weight"]), w[p + "q_norm.weight"], eps)  # [S, q_lora]
+        q = linear(q_lat, w[p + "wq_b.weight"]).reshape(s, h, hd)  # [S, H, hd]
+        q = rope_tail(rms(q, None, eps), cos, sin)
+        kv = rms(linear(x, w[p + "wkv.weight"]), w[p + "kv_norm.weight"], eps)  # [S, hd]
+        kv = self._round_kv(rope_tail(kv, cos, sin), ctx.official)
+
+        # Raw window: ring (positions before the chunk) + the chunk itself.
+        ring_pos = ring_positions(ctx.start, window)  # [W]
+        keys = mx.concatenate([st.raw, kv])  # [W+S, hd]
+        key_pos = np.concatenate([ring_pos, ctx.pos])
+        t = ctx.pos[:, None]
+        ok = (key_pos[None, :] >= 0) & (key_pos[None, :] <= t) & (key_pos[None, :] > t - window)
+        raw_bias = mx.array(np.where(ok, 0.0, -np.inf).astype(np.float32))  # [S, W+S]
+        st.raw = ring_write(st.raw, kv, ctx.start)
+
+        scale = 1.0 / math.sqrt(hd)
+        scores = [(q.reshape(s * h, hd) @ keys.T).reshape(s, h, -1) * scale + raw_bias[:, None]]
+        values = [keys]
+        gathered = None
+        if ratio:
+            rows = self._compress(x, ctx, p + "compressor.", ratio, hd, st.front, "")
+            if rows is not None:
+                st.comp.append(self._round_kv(rows, ctx.official))
+            n = st.comp.n
+            thr = (ctx.pos + 1) // ratio  # [S] visible rows: w < thr
+            if n and ratio == 128:
+                comp = st.comp.rows  # [n, hd]
+                vis = np.arange(n)[None, :] < thr[:, None]
+                bias = mx.array(np.where(vis, 0.0, -np.inf).astype(np.float32))
+                scores.append(
+                    (q.reshape(s * h, hd) @ comp.T).reshape(s, h, n) * scale + bias[:, None]
+                )
+                values.append(comp)
+            elif n and ratio == 4:
+                idx, valid = self.indexer(x, q_lat, ctx, p, st, thr)  # [S, k]
+                sel = st.comp.rows[idx]  # [S, k, hd]
+                bias = mx.where(valid, 0.0, -mx.inf)  # [S, k]
+                sc = (q @ sel.swapaxes(1, 2)) * scale + bias[:, None, :]  # [S, H, k]
+                scores.append(sc)
+                gathered = sel
+
+        sink = w[p + "attn_sink"].astype(mx.float32)  # [H]
+        sink_col = mx.broadcast_to(sink[None, :, None], (s, h, 1))
+        logits = mx.concatenate([*scores, sink_col], axis=-1)
+        probs = mx.softmax(logits, axis=-1, precise=True)  # [S, H, N+1]
+        out = mx.zeros((s, h, hd), dtype=mx.float32)
+        off = 0
+        for i, sc in enumerate(scores):
+            n_i = sc.shape[-1]
+            pr = probs[:, :, off : off + n_i]
+            if i == len(scores) - 1 and gathered is not None:
+                out = out + pr @ gathered  # [S, H, k] @ [S, k, hd]
+            else:
+                out = out + (pr.reshape(s * h, n_i) @ values[i]).reshape(s, h, hd)
+            off += n_i
+        out = rope_tail(out, cos, sin, inverse=True)  # undo the rotation V carried
+
+        # Grouped output projection: heads of group g → o_lora via wo_a rows of group g.
+        g_n, r_o = cfg.o_groups, cfg.o_lora_rank
+        og = out.reshape(s, g_n, (h // g_n) * hd)
+        wo_a = w[p + "wo_a.weight"]
+        u = mx.concatenate(
+            [linear(og[:, g], _rows(wo_a, g * r_o, (g + 1) * r_o)) for g in range(g_n)], axis=-1
+        )  # [S, G·o_lora]
+        return linear(u, w[p + "wo_b.weight"])
+
+    def indexer(
+        self, x: mx.array, q_lat: mx.array, ctx: Ctx, p: str, st: LayerState, thr: np.ndarray
+    ) -> tuple[mx.array, mx.array]:
+        """Lightning indexer: update index keys, score visible rows, top-k → (idx, valid) [S, k]."""
+        cfg, w = self.cfg, self.w
+        s = ctx.length
+        hi, di = cfg.index_n_heads, cfg.index_head_dim
+        rows = self._compress(x, ctx, p + "indexer.compressor.", 4, di, st.front, "idx_")
+        if rows is not None:
+            st.index.append(self._round_index(rows, ctx.official))
+        n = st.index.n
+        cos, sin = ctx.rope["compress"]
+        qi = linear(q_lat, w[p + "indexer.wq_b.weight"]).reshape(s, hi, di)
+        qi = self._round_index(rope_tail(qi, cos, sin), ctx.official)  # [S, Hi, Di]
+        wts = linear(x, w[p + "indexer.weights_proj.weight"]) * (di**-0.5 * hi**-0.5)  # [S, Hi]
+        keys = st.index.rows  # [n, Di]
+        dots = mx.maximum((qi.reshape(s * hi, di) @ keys.T).reshape(s, hi, n), 0.0)
+        score = (dots * wts[:, :, None]).sum(axis=1)  # [S, n]
+        vis = np.arange(n)[None, :] < thr[:, None]
+        score = mx.where(mx.array(vis), score, -mx.inf)
+        k = min(cfg.index_topk, n)
+        if k == n:
+            idx = mx.broadcast_to(mx.arange(n, dtype=mx.int32)[None], (s, n))
+        else:
+            idx = mx.argpartition(-score, kth=k - 1, axis=-1)[:, :k].astype(mx.int32)
+        valid = idx < mx.array(thr.astype(np.int32))[:, None]
+        return idx, valid
+
+    # ------------------------------------------------------------------ MoE
+
+    def moe(self, x: mx.array, tokens: mx.array, p: str, hashed: bool) -> mx.array:
+        """x [S, D] (ffn-normed) → [S, D] (§2.5)."""
+        cfg, w = self.cfg, self.w
+        z = linear(x, w[p + "gate.weight"])  # [S, E]
+        scores = mx.sqrt(mx.logaddexp(z, 0.0))  # sqrt(softplus)
+        k = cfg.num_experts_per_tok
+        if hashed:
+            idx = w[p + "gate.tid2eid"][tokens].astype(mx.int32)  # [S, k]
+        else:
+            biased = scores + w[p + "gate.bias"].astype(mx.float32)
+            idx = mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k].astype(mx.int32)
+        wts = mx.take_along_axis(scores, idx, axis=-1)
+        wts = wts / (wts.sum(axis=-1, keepdims=True) + 1e-20) * cfg.routed_scaling_factor
+        y = routed_experts(
+            x,
+            idx,
+            w[p + "experts.w1.weight"],
+            w[p + "experts.w2.weight"],
+            w[p + "experts.w3.weight"],
+            cfg.swiglu_limit,
+        )  # [S, k, D]
+        routed = (y * wts[:, :, None]).sum(axis=1)
+        sh = swiglu(
+            linear(x, w[p + "shared_experts.w1.weight"]),
+            linear(x, w[p + "shared_experts.w3.weight"]),
+            cfg.swiglu_limit,
+        )
+        return routed + linear(sh, w[p + "shared_experts.w2.weight"])
+
+    # ------------------------------------------------------------------ layers and model
+
+    def layer(
+        self, x: mx.array, ctx: Ctx, p: str, st: LayerState, ratio: int, hashed: bool
+    ) -> mx.array:
+        """One decoder layer on streams x [S, hc, D] (§2.3)."""
+        cfg, w = self.cfg, self.w
+        a, post, comb = self.hc_pre(x, p + "hc_attn")
+        a = rms(a, w[p + "attn_norm.weight"], cfg.rms_norm_eps)
+        x = self.hc_post(
+            self.attention(a, ctx, p + "attn.", st, ratio, cfg.sliding_window), x, post, comb
+        )
+        a, post, comb = self.hc_pre(x, p + "hc_ffn")
+        a = rms(a, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)
+        return self.hc_post(self.moe(a, ctx.tokens, p + "ffn.", hashed), x, post, comb)
+
+    def make_ctx(self, start: int, tokens: list[int], numerics: str) -> Ctx:
+        pos = np.arange(start, start + len(tokens), dtype=np.int64)
+        posf = mx.array(pos.astype(np.float32))
+        return Ctx(
+            start=start,
+            length=len(tokens),
+            tokens=mx.array(np.asarray(tokens, dtype=np.int32)),
+            pos=pos,
+            rope={k: rope_tables(v, posf) for k, v in self.inv_freq.items()},
+            official=numerics == "official",
+        )
+
+    def forward(self, state: DecodeState, tokens: list[int], all_logits: bool = False) -> mx.array:
+        """Run a chunk of tokens at positions state.n_tokens.. and append them to the state.
+
+        Returns logits float32 [S, vocab] (all_logits) or [vocab] for the last token.
+        """
+        cfg, w = self.cfg, self.w
+        if state.numerics != self.numerics:
+            raise ValueError(
+                f"state was built with numerics {state.numerics!r}, model runs {self.numerics!r}"
+            )
+        ctx = self.make_ctx(state.n_tokens, tokens, self.numerics)
+        e = embed_rows(w["embed.weight"], ctx.tokens)  # [S, D]
+        x = mx.broadcast_to(e[:, None, :], (ctx.length, cfg.hc_mult, cfg.hidden_size))
+        for i, ratio in enumerate(cfg.ratios):
+            x = self.layer(x, ctx, f"layers.{i}.", state.layers[i], ratio, cfg.is_hash_layer(i))
+        state.tokens.extend(int(t) for t in tokens)
+        state.last_streams = x[-1]
+        hs = x if all_logits else x[-1:]
+        y = rms(self.hc_head(hs, ""), w["norm.weight"], cfg.rms_norm_eps)
+        logits = linear(y, w["head.weight"])  # [S or 1, vocab]
+        state.logits = logits[-1]
+        return logits if all_logits else logits[-1]
+
+    # ------------------------------------------------------------------ MTP (§2.6)
+
+    def has_mtp(self) -> bool:
+        return "mtp.0.e_proj.weight" in self.w
+
+    def mtp_step(
+        self, streams: mx.array, token: int, position: int, mtp_state: LayerState
+    ) -> tuple[mx.array, mx.array]:
+        """One MTP draft step: main-model streams [hc, D] of position-1, the token at
+        `position` → (draft logits [vocab] for position+1, the block's output streams [hc, D]).
+
+        The pairing convention is the one ds4 uses (spec §2.6, open question 8: unverified).
+        `mtp_state` holds the block's own raw window.
+        """
+        cfg, w = self.cfg, self.w
+        p = "mtp.0."
+        ctx = self.make_ctx(position, [token], self.numerics)
+        e = rms(embed_rows(w["embed.weight"], ctx.tokens), w[p + "enorm.weight"], cfg.rms_norm_eps)
+        hn = rms(streams[None], w[p + "hnorm.weight"], cfg.rms_norm_eps)  # [1, hc, D]
+        x = linear(e, w[p + "e_proj.weight"])[:, None, :] + linear(hn, w[p + "h_proj.weight"])
+        x = self.layer(x, ctx, p, mtp_state, 0, False)
+        y = rms(self.hc_head(x, p), w[p + "norm.weight"], cfg.rms_norm_eps)
+        return linear(y, w["head.weight"])[0], x[0]
