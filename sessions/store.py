@@ -1,0 +1,994 @@
+"""The on-disk KV snapshot store: content-addressed segments, checksums, budget, pins.
+
+Layout under `root`:
+
+    lock                          flock: saves and gc exclusive, loads shared
+    snapshots/<id>.snap           one immutable file per snapshot: header, token ids, logits,
+                                  raw windows, the rows after the last full segment, frontiers
+    snapshots/<id>.meta.json      mutable bookkeeping: last use, decayed hits, pins
+    segments/<xx>/<name>.seg      immutable, shared: the compressed rows and index keys that
+                                  tokens [k·S, (k+1)·S) produced, for every layer
+
+A snapshot id is the hash of (fingerprint, token ids), so saving the same state twice is one
+snapshot. A segment name is `<hash of fingerprint and the token prefix it closes>-<hash of its
+float32 content>`: a fork, a resume-and-continue or another session with the same system
+prompt finds the segment already there and writes nothing; a segment computed differently
+(another prefill chunking can round differently) gets its own file instead of being mixed up.
+S (`segment_tokens`) is a multiple of 128 so segment ends fall on compressed-row boundaries of
+every layer.
+
+Every write is atomic (temp + fsync + rename + directory fsync), segments become durable before
+the snapshot file that names them, and the snapshot file's rename is the commit point: a crash
+at any moment leaves the previous snapshots intact plus, at worst, temp files and unreferenced
+segments that `gc` removes. Loads verify every checksum before using a byte and re-hash the
+decoded rows against the segment name, so a codec bug could not go unnoticed either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+from ds4_agent.engine.state_export import LayerExport, StateExport
+from ds4_agent.sessions import codec
+from ds4_agent.sessions.snapshot_errors import (
+    SnapshotBudgetError,
+    SnapshotCorruptError,
+    SnapshotError,
+    SnapshotFingerprintError,
+    SnapshotInvalidError,
+    SnapshotIOError,
+    SnapshotMissingSegmentError,
+    SnapshotNotFoundError,
+)
+from ds4_agent.sessions.snapshot_format import (
+    MAGIC_SEGMENT,
+    MAGIC_SNAPSHOT,
+    TMP_SUFFIX,
+    Container,
+    encode_container,
+    fsync_dir,
+    open_lock,
+    read_container,
+    read_header_only,
+    translate_os_error,
+    write_atomic,
+)
+from ds4_agent.sessions.snapshot_model import (
+    ArrayMeta,
+    EncMeta,
+    GcReport,
+    RemovedSnapshot,
+    SegmentLayerMeta,
+    SegmentMeta,
+    SegmentRef,
+    Sidecar,
+    SnapshotLayerMeta,
+    SnapshotMeta,
+    SnapshotRef,
+    StoreUsage,
+)
+
+DEFAULT_SEGMENT_TOKENS = 1024
+RECENCY_HALF_LIFE_S = 6 * 3600.0
+HITS_HALF_LIFE_S = 24 * 3600.0
+_KV_FMT = {"official": "e4m3"}
+_INDEX_FMT = {"official": "e2m1"}
+
+
+def snapshot_id(fingerprint: str, tokens: np.ndarray) -> str:
+    h = xxhash.xxh3_128(b"ds4-agent snapshot\0" + fingerprint.encode() + b"\0")
+    h.update(np.ascontiguousarray(tokens, dtype="<i4"))
+    return h.hexdigest()
+
+
+def _prefix_hasher(fingerprint: str, numerics: str, seg_tokens: int) -> xxhash.xxh3_128:
+    return xxhash.xxh3_128(f"ds4-agent segment\0{fingerprint}\0{numerics}\0{seg_tokens}\0".encode())
+
+
+def _content_hash(rows: list[tuple[np.ndarray | None, np.ndarray | None]]) -> str:
+    h = xxhash.xxh3_128()
+    for comp, index in rows:
+        for a in (comp, index):
+            if a is None:
+                h.update(b"-")
+                continue
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            h.update(np.asarray(a.shape, dtype="<i8").tobytes())
+            h.update(a)
+    return h.hexdigest()
+
+
+def _score(sc: Sidecar, now: float) -> float:
+    """Keep-worthiness: reuse (decayed hits) times recency. Size plays no part, so a small,
+    often reused prefix (a system prompt) outlives big one-shot snapshots."""
+    age = max(0.0, now - sc.last_used)
+    hits = sc.hits * 0.5 ** (age / HITS_HALF_LIFE_S)
+    return (1.0 + hits) * 0.5 ** (age / RECENCY_HALF_LIFE_S)
+
+
+@dataclass
+class _Entry:
+    id: str
+    path: Path
+    bytes: int  # snapshot file + sidecar
+    sidecar: Sidecar
+    segments: list[str]
+    n_tokens: int
+
+
+class SnapshotStore:
+    """See the module docstring. All public methods raise only `SnapshotError` subclasses."""
+
+    ref_type = SnapshotRef
+
+    def __init__(
+        self,
+        root: Path | str,
+        budget_bytes: int | None = None,
+        *,
+        budget_mb: int | None = None,
+        segment_tokens: int = DEFAULT_SEGMENT_TOKENS,
+        threads: int | None = None,
+    ) -> None:
+        if segment_tokens <= 0 or segment_tokens % 128:
+            raise ValueError(
+                f"segment_tokens must be a positive multiple of 128, got {segment_tokens}"
+            )
+        self.root = Path(root)
+        if budget_bytes is None and budget_mb is not None:
+            budget_bytes = int(budget_mb) * 1024 * 1024
+        self.budget_bytes = budget_bytes
+        self.segment_tokens = segment_tokens
+        self.threads = threads or min(4, os.cpu_count() or 1)
+        self.snap_dir = self.root / "snapshots"
+        self.seg_dir = self.root / "segments"
+        self._lock_path = self.root / "lock"
+
+    # ------------------------------------------------------------------ paths
+
+    def _snap_path(self, sid: str) -> Path:
+        return self.snap_dir / f"{sid}.snap"
+
+    def _side_path(self, sid: str) -> Path:
+        return self.snap_dir / f"{sid}.meta.json"
+
+    def _seg_path(self, name: str) -> Path:
+        return self.seg_dir / name[:2] / f"{name}.seg"
+
+    def _locked(self, exclusive: bool):
+        try:
+            return open_lock(self._lock_path, exclusive)
+        except OSError as e:
+            raise translate_os_error(e, "opening the snapshot store lock") from None
+
+    # ------------------------------------------------------------------ save
+
+    def save(
+        self,
+        export: StateExport,
+        fingerprint: str,
+        pin: str | bool | None = None,
+        *,
+        replace_pin: bool = True,
+    ) -> SnapshotRef:
+        """Store `export`; write only segments that are not there yet plus the small fixed part.
+
+        `pin` names the session that references this snapshot: it is kept through eviction.
+        With `replace_pin` (default) the name moves here from the session's older snapshots,
+        which stay as ordinary (evictable) cache entries.
+        """
+        if isinstance(pin, bool):  # tolerate `pin=True`: an anonymous pin on this snapshot
+            pin, replace_pin = ("pinned" if pin else None), False
+        try:
+            plan = self._plan(export, fingerprint)
+            with self._locked(exclusive=True):
+                ref = self._save_locked(plan, pin, replace_pin)
+            return ref
+        except SnapshotError:
+            raise
+        except OSError as e:
+            raise translate_os_error(e, "saving a snapshot") from None
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+            raise SnapshotInvalidError(f"cannot save this state: {e}") from None
+
+    def _plan(self, ex: StateExport, fingerprint: str) -> _SavePlan:
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise SnapshotInvalidError(
+                "a snapshot needs the engine's model fingerprint (a non-empty string)"
+            )
+        t = int(ex.n_tokens)
+        tokens = np.ascontiguousarray(ex.tokens, dtype=np.int32).reshape(-1)
+        if len(tokens) != t:
+            raise SnapshotInvalidError(f"state has n_tokens={t} but {len(tokens)} token ids")
+        s = self.segment_tokens
+        for i, le in enumerate(ex.layers):
+            _check_layer(i, le, t, s)
+        return _SavePlan(ex, fingerprint, tokens, t, s)
+
+    def _save_locked(self, plan: _SavePlan, pin: str | None, replace_pin: bool) -> SnapshotRef:
+        ex, fp, tokens, t, s = plan.export, plan.fingerprint, plan.tokens, plan.t, plan.s
+        sid = snapshot_id(fp, tokens)
+        kv_fmt = _KV_FMT.get(ex.numerics, "f32")
+        idx_fmt = _INDEX_FMT.get(ex.numerics, "f32")
+        nseg = t // s
+        hasher = _prefix_hasher(fp, ex.numerics, s)
+        seg_refs: list[SegmentRef] = []
+        new_bytes = 0
+        written_dirs: set[Path] = set()
+        pending: list[tuple[Path, list]] = []
+        for k in range(nseg):
+            hasher.update(tokens[k * s : (k + 1) * s])
+            phash = hasher.hexdigest()
+            rows = [_seg_rows(le, k * s, (k + 1) * s) for le in ex.layers]
+            chash = _content_hash(rows)
+            name = f"{phash[:32]}-{chash[:16]}"
+            path = self._seg_path(name)
+            if path.exists():
+                nbytes = path.stat().st_size
+            else:
+                chunks = _encode_segment(rows, ex, fp, s, k, phash, chash, kv_fmt, idx_fmt)
+                nbytes = sum(len(memoryview(c).cast("B")) for c in chunks)
+                pending.append((path, chunks))
+                new_bytes += nbytes
+            seg_refs.append(SegmentRef(name=name, start=k * s, end=(k + 1) * s, nbytes=nbytes))
+
+        snap_chunks = _encode_snapshot(ex, fp, sid, s, seg_refs, kv_fmt, idx_fmt)
+        snap_bytes = sum(len(memoryview(c).cast("B")) for c in snap_chunks)
+        if self.budget_bytes is not None:
+            need = snap_bytes + sum(r.nbytes for r in seg_refs)
+            if need > self.budget_bytes:
+                raise SnapshotBudgetError(
+                    f"this {t}-token snapshot needs {need / 2**20:.1f} MiB, more than the whole "
+                    f"disk budget of {self.budget_bytes / 2**20:.1f} MiB; raise --kv-disk-space-mb"
+                )
+        for path, chunks in pending:
+            write_atomic(path, chunks, sync_dir=False)
+            written_dirs.add(path.parent)
+        for d in sorted(written_dirs):  # segments durable before the file that names them
+            fsync_dir(d)
+        if written_dirs:
+            fsync_dir(self.seg_dir)
+        write_atomic(self._snap_path(sid), snap_chunks)
+
+        now = time.time()
+        side = self._read_sidecar(sid)
+        if side is None:
+            side = Sidecar(id=sid, n_tokens=t, fingerprint=fp, created=now, last_used=now)
+        else:
+            side.last_used = now
+        if pin and pin not in side.pins:
+            side.pins.append(pin)
+        self._write_sidecar(side)
+        if pin and replace_pin:
+            for other in self._list_ids():
+                if other != sid:
+                    self._edit_pins(other, remove=pin)
+        if self.budget_bytes is not None:
+            self._evict(protect={sid}, report=None)
+        return self._ref(side, snap_bytes)
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, ref_or_id: SnapshotRef | str | dict, fingerprint: str) -> StateExport:
+        """Read, verify and decode a snapshot. Raises a `SnapshotError` subclass on any problem."""
+        sid = _id_of(ref_or_id)
+        try:
+            with self._locked(exclusive=False):
+                ex = self._load_locked(sid, fingerprint)
+                self._touch(sid)
+            return ex
+        except SnapshotError:
+            raise
+        except FileNotFoundError as e:
+            raise SnapshotMissingSegmentError(
+                f"snapshot {sid[:12]}: a file vanished while loading ({e.filename}); re-prefill from the transcript"
+            ) from None
+        except OSError as e:
+            raise SnapshotIOError(
+                f"snapshot {sid[:12]}: cannot read it: {e.strerror or e}"
+            ) from None
+        except Exception as e:  # noqa: BLE001 - the contract: nothing but SnapshotError escapes
+            raise SnapshotCorruptError(
+                f"snapshot {sid[:12]} does not decode to a valid state ({type(e).__name__}: {e}); "
+                "re-prefill from the transcript"
+            ) from None
+
+    def _load_locked(self, sid: str, fingerprint: str) -> StateExport:
+        path = self._snap_path(sid)
+        try:
+            c = read_container(path, MAGIC_SNAPSHOT)
+        except FileNotFoundError:
+            raise SnapshotNotFoundError(
+                f"no snapshot {sid[:12]} in {self.root} (evicted or removed); re-prefill from the transcript"
+            ) from None
+        meta = _validate(SnapshotMeta, c.meta, path)
+        if meta.fingerprint != fingerprint:
+            raise SnapshotFingerprintError(
+                f"snapshot {sid[:12]} was made by another model build or numerics "
+                f"(fingerprint {meta.fingerprint[:16]} ≠ {fingerprint[:16]}); re-prefill from the transcript"
+            )
+        t, s = meta.n_tokens, meta.segment_tokens
+        tokens = c.get("tokens")
+        if tokens.shape != (t,) or tokens.dtype != np.int32:
+            raise _bad(path, f"token section has shape {tokens.shape}, expected ({t},)")
+        if meta.id != sid or snapshot_id(meta.fingerprint, tokens) != sid:
+            raise _bad(path, "its token ids do not match its id")
+        if s <= 0 or s % 128 or len(meta.segments) != t // s:
+            raise _bad(path, f"it lists {len(meta.segments)} segments for {t} tokens")
+
+        # Allocate the full row arrays once; segments and the tail decode into slices.
+        comps: list[np.ndarray | None] = []
+        indexes: list[np.ndarray | None] = []
+        for lm in meta.layers:
+            if lm.ratio > 0:
+                if lm.comp_dim is None or s % lm.ratio:
+                    raise _bad(path, f"layer with ratio {lm.ratio} lacks its row width")
+                comps.append(np.empty((t // lm.ratio, lm.comp_dim), dtype=np.float32))
+                indexes.append(
+                    np.empty((t // lm.ratio, lm.index_dim), dtype=np.float32)
+                    if lm.index_dim is not None
+                    else None
+                )
+            else:
+                comps.append(None)
+                indexes.append(None)
+
+        hasher = _prefix_hasher(meta.fingerprint, meta.numerics, s)
+        expected = []
+        for k, sref in enumerate(meta.segments):
+            hasher.update(tokens[k * s : (k + 1) * s])
+            phash = hasher.hexdigest()
+            if (sref.start, sref.end) != (k * s, (k + 1) * s) or not sref.name.startswith(
+                phash[:32]
+            ):
+                raise _bad(path, f"segment {k} does not belong to these tokens")
+            expected.append((k, sref, phash))
+
+        def one(job: tuple[int, SegmentRef, str]) -> None:
+            k, sref, phash = job
+            self._load_segment(sref, phash, meta, comps, indexes, k * s, (k + 1) * s)
+
+        if len(expected) > 1 and self.threads > 1:
+            with ThreadPoolExecutor(self.threads) as pool:
+                list(pool.map(one, expected))
+        else:
+            for job in expected:
+                one(job)
+
+        layers: list[LayerExport] = []
+        base = (t // s) * s
+        for i, lm in enumerate(meta.layers):
+            raw = _decode_part(c, f"{i}.raw", lm.raw)
+            comp, index = comps[i], indexes[i]
+            if lm.ratio > 0:
+                r0 = base // lm.ratio
+                _decode_into(c, f"{i}.tc", lm.tail_comp, comp[r0:], path)
+                if index is not None:
+                    _decode_into(c, f"{i}.ti", lm.tail_index, index[r0:], path)
+            frontiers = {k: _read_array(c, f"{i}.f.{k}", am) for k, am in lm.frontiers.items()}
+            layers.append(
+                LayerExport(
+                    kind=lm.kind,
+                    ratio=lm.ratio,
+                    raw=raw,
+                    comp=comp,
+                    index=index,
+                    frontiers=frontiers,
+                )
+            )
+        mtp = None
+        if meta.mtp is not None:
+            mtp = {k: _read_array(c, f"mtp.{k}", am) for k, am in meta.mtp.items()}
+        logits = np.array(c.get("logits")) if meta.has_logits else None
+        return StateExport(
+            n_tokens=t,
+            tokens=np.array(tokens),
+            layers=layers,
+            numerics=meta.numerics,
+            logits=logits,
+            mtp=mtp,
+        )
+
+    def _load_segment(self, sref, phash, meta: SnapshotMeta, comps, indexes, start, end) -> None:
+        path = self._seg_path(sref.name)
+        try:
+            c = read_container(path, MAGIC_SEGMENT)
+        except FileNotFoundError:
+            raise SnapshotMissingSegmentError(
+                f"snapshot {meta.id[:12]} needs segment {sref.name[:12]} (tokens {start}–{end}), "
+                "which is missing; re-prefill from the transcript"
+            ) from None
+        except SnapshotCorruptError:
+            # Remove it so that the next save of this prefix writes a good copy again.
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        sm = _validate(SegmentMeta, c.meta, path)
+        if (
+            sm.fingerprint != meta.fingerprint
+            or (sm.start, sm.end) != (start, end)
+            or sm.prefix_hash != phash
+            or len(sm.layers) != len(meta.layers)
+            or not sref.name.endswith(sm.content_hash[:16])
+        ):
+            raise _bad(path, "its header does not match the snapshot that refers to it")
+        rows = []
+        for i, (lm, slm) in enumerate(zip(meta.layers, sm.layers, strict=True)):
+            if slm.ratio != lm.ratio:
+                raise _bad(path, f"layer {i} has ratio {slm.ratio}, expected {lm.ratio}")
+            if lm.ratio == 0:
+                rows.append((None, None))
+                continue
+            r0, r1 = start // lm.ratio, end // lm.ratio
+            comp = comps[i][r0:r1]
+            _decode_into(c, f"{i}.c", slm.comp, comp, path)
+            index = None
+            if indexes[i] is not None:
+                index = indexes[i][r0:r1]
+                _decode_into(c, f"{i}.i", slm.index, index, path)
+            rows.append((comp, index))
+        if _content_hash(rows)[:16] != sref.name[-16:]:
+            raise _bad(path, "decoded rows do not hash to the segment's name")
+
+    # ------------------------------------------------------------------ lookup
+
+    def longest_prefix(self, tokens, fingerprint: str) -> SnapshotRef | None:
+        """The stored snapshot with the most tokens that are a prefix of `tokens` (or None)."""
+        try:
+            toks = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64), dtype=np.int32).reshape(
+                -1
+            )
+            with self._locked(exclusive=False):
+                cands: dict[int, list[Sidecar]] = {}
+                for sid in self._list_ids():
+                    side = self._read_sidecar(sid) or self._rebuild_sidecar(sid)
+                    if side is None or side.fingerprint != fingerprint:
+                        continue
+                    if 0 < side.n_tokens <= len(toks):
+                        cands.setdefault(side.n_tokens, []).append(side)
+                if not cands:
+                    return None
+                h = xxhash.xxh3_128(b"ds4-agent snapshot\0" + fingerprint.encode() + b"\0")
+                pos = 0
+                best: Sidecar | None = None
+                for n in sorted(cands):
+                    h.update(toks[pos:n])
+                    pos = n
+                    digest = h.hexdigest()
+                    for side in cands[n]:
+                        if side.id == digest:
+                            best = side
+                if best is None:
+                    return None
+                return self._ref(best, _size(self._snap_path(best.id)))
+        except SnapshotError:
+            raise
+        except OSError as e:
+            raise translate_os_error(e, "looking up snapshots") from None
+        except (ValueError, TypeError, OverflowError) as e:
+            raise SnapshotInvalidError(f"token ids are not valid: {e}") from None
+
+    # ------------------------------------------------------------------ pins, listing, removal
+
+    def pin(self, ref_or_id: SnapshotRef | str | dict, name: str) -> None:
+        """Keep this snapshot through eviction while `name` (a session) refers to it."""
+        with self._locked(exclusive=True):
+            if not self._edit_pins(_id_of(ref_or_id), add=name):
+                raise SnapshotNotFoundError(f"no snapshot {_id_of(ref_or_id)[:12]} to pin")
+
+    def unpin(self, ref_or_id: SnapshotRef | str | dict | None, name: str) -> None:
+        """Drop the pin `name` from one snapshot, or from every snapshot when ref_or_id is None."""
+        with self._locked(exclusive=True):
+            ids = self._list_ids() if ref_or_id is None else [_id_of(ref_or_id)]
+            for sid in ids:
+                self._edit_pins(sid, remove=name)
+
+    def list(self) -> list[SnapshotRef]:
+        with self._locked(exclusive=False):
+            out = []
+            for sid in self._list_ids():
+                side = self._read_sidecar(sid) or self._rebuild_sidecar(sid)
+                if side is not None:
+                    out.append(self._ref(side, _size(self._snap_path(sid))))
+            return sorted(out, key=lambda r: r.last_used, reverse=True)
+
+    def delete(self, ref_or_id: SnapshotRef | str | dict) -> int:
+        """Remove one snapshot (pinned or not) and the segments only it used; returns bytes freed."""
+        sid = _id_of(ref_or_id)
+        with self._locked(exclusive=True):
+            entries = self._scan()
+            if sid not in entries:
+                raise SnapshotNotFoundError(f"no snapshot {sid[:12]} to remove")
+            return self._remove(entries, sid, _segment_sizes(self.seg_dir))
+
+    remove = delete
+
+    def usage(self) -> StoreUsage:
+        with self._locked(exclusive=False):
+            snap_bytes = sum(_size(p) for p in _files(self.snap_dir))
+            segs = _segment_sizes(self.seg_dir)
+            ids = self._list_ids()
+            pinned = sum(
+                1 for sid in ids if (sc := self._read_sidecar(sid)) is not None and sc.pins
+            )
+            seg_bytes = sum(segs.values())
+            return StoreUsage(
+                total_bytes=snap_bytes + seg_bytes,
+                snapshot_bytes=snap_bytes,
+                segment_bytes=seg_bytes,
+                n_snapshots=len(ids),
+                n_segments=len(segs),
+                n_pinned=pinned,
+                budget_bytes=self.budget_bytes,
+            )
+
+    # ------------------------------------------------------------------ gc and eviction
+
+    def gc(self, *, verify: bool = False) -> GcReport:
+        """Remove temp files left by crashed saves, damaged and orphaned files, then evict
+        unpinned snapshots (lowest score first) until the store fits its budget.
+
+        `verify` also reads every snapshot and segment in full and removes those that fail.
+        """
+        try:
+            with self._locked(exclusive=True):
+                before = self._total_bytes()
+                report = GcReport(
+                    usage_before=before, usage_after=before, budget_bytes=self.budget_bytes
+                )
+                for p in [*_files(self.snap_dir), *_files(self.seg_dir, recursive=True)]:
+                    if p.name.endswith(TMP_SUFFIX):
+                        with contextlib.suppress(OSError):
+                            p.unlink()
+                            report.removed_temp_files += 1
+                # Sidecars without their snapshot.
+                for p in _files(self.snap_dir):
+                    if (
+                        p.name.endswith(".meta.json")
+                        and not self._snap_path(p.name[: -len(".meta.json")]).exists()
+                    ):
+                        with contextlib.suppress(OSError):
+                            p.unlink()
+                entries = self._scan(report)
+                segs = _segment_sizes(self.seg_dir)
+                if verify:
+                    self._verify_all(entries, segs, report)
+                    segs = _segment_sizes(self.seg_dir)
+                referenced = {n for e in entries.values() for n in e.segments}
+                for name in segs:
+                    if name not in referenced:
+                        with contextlib.suppress(OSError):
+                            self._seg_path(name).unlink()
+                            report.removed_segments += 1
+                if self.budget_bytes is not None:
+                    self._evict(protect=set(), report=report)
+                entries = self._scan()
+                report.pinned_bytes = sum(e.bytes for e in entries.values() if e.sidecar.pins)
+                report.usage_after = self._total_bytes()
+                report.freed_bytes = max(0, before - report.usage_after)
+                report.over_budget = (
+                    self.budget_bytes is not None and report.usage_after > self.budget_bytes
+                )
+                return report
+        except SnapshotError:
+            raise
+        except OSError as e:
+            raise translate_os_error(e, "collecting garbage in the snapshot store") from None
+
+    def _verify_all(
+        self, entries: dict[str, _Entry], segs: dict[str, int], report: GcReport
+    ) -> None:
+        bad_segs: set[str] = set()
+        for name in segs:
+            try:
+                read_container(self._seg_path(name), MAGIC_SEGMENT)
+            except SnapshotError:
+                bad_segs.add(name)
+        for sid in list(entries):
+            e = entries[sid]
+            try:
+                read_container(e.path, MAGIC_SNAPSHOT)
+                damaged = any(n in bad_segs or n not in segs for n in e.segments)
+            except SnapshotError:
+                damaged = True
+            if damaged:
+                freed = self._remove(entries, sid, segs)
+                report.removed.append(
+                    RemovedSnapshot(id=sid, n_tokens=e.n_tokens, bytes=freed, reason="damaged")
+                )
+        for name in bad_segs:
+            with contextlib.suppress(OSError):
+                self._seg_path(name).unlink()
+                report.removed_segments += 1
+
+    def _evict(self, protect: set[str], report: GcReport | None) -> None:
+        entries = self._scan()
+        segs = _segment_sizes(self.seg_dir)
+        total = self._total_bytes()
+        now = time.time()
+        while total > self.budget_bytes:
+            refcount: dict[str, int] = {}
+            for e in entries.values():
+                for n in set(e.segments):
+                    refcount[n] = refcount.get(n, 0) + 1
+            cands = []
+            for e in entries.values():
+                if e.id in protect or e.sidecar.pins:
+                    continue
+                freed = e.bytes + sum(segs.get(n, 0) for n in set(e.segments) if refcount[n] == 1)
+                cands.append((_score(e.sidecar, now), -freed, e.sidecar.last_used, e.id))
+            if not cands:
+                return
+            _, _, _, victim = min(cands)
+            n_tokens = entries[victim].n_tokens
+            freed = self._remove(entries, victim, segs)
+            total -= freed
+            if report is not None:
+                report.removed.append(
+                    RemovedSnapshot(id=victim, n_tokens=n_tokens, bytes=freed, reason="budget")
+                )
+
+    def _remove(self, entries: dict[str, _Entry], sid: str, segs: dict[str, int]) -> int:
+        """Unlink a snapshot (the commit point), its sidecar, then segments nobody else uses."""
+        e = entries.pop(sid)
+        freed = 0
+        for p in (e.path, self._side_path(sid)):
+            with contextlib.suppress(FileNotFoundError):
+                size = _size(p)
+                p.unlink()
+                freed += size
+        still = {n for other in entries.values() for n in other.segments}
+        for n in set(e.segments) - still:
+            with contextlib.suppress(FileNotFoundError):
+                self._seg_path(n).unlink()
+                freed += segs.pop(n, 0)
+        return freed
+
+    def _scan(self, report: GcReport | None = None) -> dict[str, _Entry]:
+        """Every snapshot with a readable header; unreadable ones are removed when `report`."""
+        out: dict[str, _Entry] = {}
+        for sid in self._list_ids():
+            path = self._snap_path(sid)
+            try:
+                header = read_header_only(path, MAGIC_SNAPSHOT)
+                meta = _validate(SnapshotMeta, header.meta, path)
+            except FileNotFoundError:
+                continue
+            except SnapshotError:
+                if report is not None:
+                    size = _size(path) + _size(self._side_path(sid))
+                    for p in (path, self._side_path(sid)):
+                        with contextlib.suppress(OSError):
+                            p.unlink()
+                    report.removed.append(
+                        RemovedSnapshot(id=sid, n_tokens=0, bytes=size, reason="damaged")
+                    )
+                continue
+            side = self._read_sidecar(sid)
+            if side is None:
+                side = self._sidecar_from_meta(meta, path)
+                with contextlib.suppress(SnapshotError):
+                    self._write_sidecar(side)
+            out[sid] = _Entry(
+                id=sid,
+                path=path,
+                bytes=_size(path) + _size(self._side_path(sid)),
+                sidecar=side,
+                segments=[r.name for r in meta.segments],
+                n_tokens=meta.n_tokens,
+            )
+        return out
+
+    # ------------------------------------------------------------------ sidecars
+
+    def _list_ids(self) -> list[str]:
+        return sorted(p.name[:-5] for p in _files(self.snap_dir) if p.name.endswith(".snap"))
+
+    def _read_sidecar(self, sid: str) -> Sidecar | None:
+        try:
+            side = Sidecar.model_validate_json(self._side_path(sid).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return side if side.id == sid else None
+
+    def _sidecar_from_meta(self, meta: SnapshotMeta, path: Path) -> Sidecar:
+        mtime = path.stat().st_mtime
+        return Sidecar(
+            id=meta.id,
+            n_tokens=meta.n_tokens,
+            fingerprint=meta.fingerprint,
+            created=meta.created,
+            last_used=mtime,
+        )
+
+    def _rebuild_sidecar(self, sid: str) -> Sidecar | None:
+        path = self._snap_path(sid)
+        try:
+            meta = _validate(SnapshotMeta, read_header_only(path, MAGIC_SNAPSHOT).meta, path)
+        except (SnapshotError, OSError):
+            return None
+        return self._sidecar_from_meta(meta, path)
+
+    def _write_sidecar(self, side: Sidecar) -> None:
+        data = json.dumps(side.model_dump(), separators=(",", ":")).encode()
+        write_atomic(self._side_path(side.id), [data], sync_dir=False)
+
+    def _edit_pins(self, sid: str, add: str | None = None, remove: str | None = None) -> bool:
+        if not self._snap_path(sid).exists():
+            return False
+        side = self._read_sidecar(sid) or self._rebuild_sidecar(sid)
+        if side is None:
+            return False
+        pins = [p for p in side.pins if p != remove]
+        if add and add not in pins:
+            pins.append(add)
+        if pins != side.pins:
+            side.pins = pins
+            self._write_sidecar(side)
+        return True
+
+    def _touch(self, sid: str) -> None:
+        """Count a use (decayed hits, last use). Best effort: a read-only store still loads."""
+        side = self._read_sidecar(sid) or self._rebuild_sidecar(sid)
+        if side is None:
+            return
+        now = time.time()
+        side.hits = side.hits * 0.5 ** (max(0.0, now - side.last_used) / HITS_HALF_LIFE_S) + 1.0
+        side.last_used = now
+        with contextlib.suppress(SnapshotError):
+            self._write_sidecar(side)
+
+    def _ref(self, side: Sidecar, nbytes: int) -> SnapshotRef:
+        return SnapshotRef(
+            id=side.id,
+            n_tokens=side.n_tokens,
+            fingerprint=side.fingerprint,
+            created=side.created,
+            last_used=side.last_used,
+            hits=side.hits,
+            pins=tuple(side.pins),
+            bytes=nbytes,
+        )
+
+    def _total_bytes(self) -> int:
+        return sum(_size(p) for p in _files(self.snap_dir)) + sum(
+            _segment_sizes(self.seg_dir).values()
+        )
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class _SavePlan:
+    export: StateExport
+    fingerprint: str
+    tokens: np.ndarray
+    t: int
+    s: int
+
+
+def _id_of(ref: Any) -> str:
+    if isinstance(ref, SnapshotRef):
+        return ref.id
+    if isinstance(ref, dict) and isinstance(ref.get("id"), str):
+        return ref["id"]
+    if isinstance(ref, str) and ref and all(ch in "0123456789abcdef" for ch in ref):
+        return ref
+    raise SnapshotNotFoundError(f"{ref!r} is not a snapshot id or reference")
+
+
+def _bad(path: Path, why: str) -> SnapshotCorruptError:
+    return SnapshotCorruptError(
+        f"{path.name} is damaged ({why}); the snapshot cannot be used — re-prefill from the transcript"
+    )
+
+
+def _validate(model, data: dict, path: Path):
+    try:
+        return model.model_validate(data)
+    except ValueError as e:
+        raise _bad(path, f"invalid header: {str(e).splitlines()[0]}") from None
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+def _files(d: Path, recursive: bool = False) -> list[Path]:
+    if not d.is_dir():
+        return []
+    if recursive:
+        return [p for sub in d.iterdir() if sub.is_dir() for p in sub.iterdir() if p.is_file()]
+    return [p for p in d.iterdir() if p.is_file()]
+
+
+def _segment_sizes(seg_dir: Path) -> dict[str, int]:
+    out = {}
+    for p in _files(seg_dir, recursive=True):
+        if p.name.endswith(".seg"):
+            out[p.name[:-4]] = _size(p)
+    return out
+
+
+def _check_layer(i: int, le: LayerExport, t: int, s: int) -> None:
+    if le.ratio < 0 or (le.ratio > 0 and s % le.ratio):
+        raise SnapshotInvalidError(
+            f"layer {i}: compress ratio {le.ratio} does not divide the segment size {s}"
+        )
+    if not isinstance(le.raw, np.ndarray) or le.raw.ndim != 2:
+        raise SnapshotInvalidError(f"layer {i}: raw window must be a 2-D array")
+    if le.ratio == 0:
+        if le.comp is not None or le.index is not None:
+            raise SnapshotInvalidError(f"layer {i}: a sliding-window layer has no compressed rows")
+        return
+    if le.comp is None or le.comp.ndim != 2 or le.comp.shape[0] != t // le.ratio:
+        got = None if le.comp is None else le.comp.shape
+        raise SnapshotInvalidError(
+            f"layer {i}: {got} compressed rows, expected {t // le.ratio} for {t} tokens"
+        )
+    if le.index is not None and (le.index.ndim != 2 or le.index.shape[0] != t // le.ratio):
+        raise SnapshotInvalidError(
+            f"layer {i}: index keys of shape {le.index.shape}, expected {t // le.ratio} rows"
+        )
+
+
+def _seg_rows(le: LayerExport, start: int, end: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if le.ratio == 0:
+        return None, None
+    r0, r1 = start // le.ratio, end // le.ratio
+    return le.comp[r0:r1], (le.index[r0:r1] if le.index is not None else None)
+
+
+def _put_rows(sections: dict, prefix: str, enc: codec.EncodedRows) -> EncMeta:
+    for part, arr in enc.parts.items():
+        sections[f"{prefix}.{part}"] = arr
+    return EncMeta(**enc.meta())
+
+
+def _encode_segment(rows, ex: StateExport, fp, s, k, phash, chash, kv_fmt, idx_fmt) -> list:
+    sections: dict[str, np.ndarray] = {}
+    layers = []
+    for i, ((comp, index), le) in enumerate(zip(rows, ex.layers, strict=True)):
+        if le.ratio == 0:
+            layers.append(SegmentLayerMeta(ratio=0))
+            continue
+        cm = _put_rows(sections, f"{i}.c", codec.encode_rows(comp, kv_fmt))
+        im = (
+            _put_rows(sections, f"{i}.i", codec.encode_rows(index, idx_fmt))
+            if index is not None
+            else None
+        )
+        layers.append(SegmentLayerMeta(ratio=le.ratio, comp=cm, index=im))
+    meta = SegmentMeta(
+        fingerprint=fp,
+        numerics=ex.numerics,
+        segment_tokens=s,
+        start=k * s,
+        end=(k + 1) * s,
+        prefix_hash=phash,
+        content_hash=chash,
+        layers=layers,
+    )
+    return encode_container(MAGIC_SEGMENT, "segment", meta.model_dump(), sections)
+
+
+def _put_array(sections: dict, name: str, a: np.ndarray) -> ArrayMeta:
+    a = np.ascontiguousarray(a)
+    runs = codec.encode_runs(a)
+    if runs is not None:
+        sections[f"{name}.lit"] = runs["lit"]
+        sections[f"{name}.runs"] = runs["runs"]
+        return ArrayMeta(shape=list(a.shape), dtype=a.dtype.name, enc="runs")
+    sections[name] = a
+    return ArrayMeta(shape=list(a.shape), dtype=a.dtype.name, enc="raw")
+
+
+def _read_array(c: Container, name: str, am: ArrayMeta) -> np.ndarray:
+    size = int(np.prod(am.shape, dtype=np.int64))
+    if am.enc == "runs":
+        flat = codec.decode_runs({"lit": c.get(f"{name}.lit"), "runs": c.get(f"{name}.runs")}, size)
+        return flat.view(np.dtype(am.dtype)).reshape(am.shape)
+    a = c.get(name)
+    if a.dtype.name != am.dtype or list(a.shape) != am.shape:
+        raise _bad(c.path, f"array {name} has the wrong shape")
+    return np.array(a)
+
+
+def _encode_snapshot(ex: StateExport, fp, sid, s, seg_refs, kv_fmt, idx_fmt) -> list:
+    t = int(ex.n_tokens)
+    sections: dict[str, np.ndarray] = {
+        "tokens": np.ascontiguousarray(ex.tokens, dtype=np.int32).reshape(-1)
+    }
+    if ex.logits is not None:
+        sections["logits"] = np.ascontiguousarray(ex.logits)
+    base = (t // s) * s
+    layers = []
+    for i, le in enumerate(ex.layers):
+        raw = _put_rows(sections, f"{i}.raw", codec.encode_rows(le.raw, kv_fmt))
+        lm: dict[str, Any] = {"kind": le.kind, "ratio": le.ratio, "raw": raw}
+        if le.ratio > 0:
+            r0 = base // le.ratio
+            lm["comp_dim"] = int(le.comp.shape[1])
+            lm["tail_comp"] = _put_rows(
+                sections, f"{i}.tc", codec.encode_rows(le.comp[r0:], kv_fmt)
+            )
+            if le.index is not None:
+                lm["index_dim"] = int(le.index.shape[1])
+                lm["tail_index"] = _put_rows(
+                    sections, f"{i}.ti", codec.encode_rows(le.index[r0:], idx_fmt)
+                )
+        lm["frontiers"] = {
+            k: _put_array(sections, f"{i}.f.{k}", v) for k, v in le.frontiers.items()
+        }
+        layers.append(SnapshotLayerMeta(**lm))
+    mtp = None
+    if ex.mtp is not None:
+        mtp = {k: _put_array(sections, f"mtp.{k}", v) for k, v in ex.mtp.items()}
+    meta = SnapshotMeta(
+        id=sid,
+        fingerprint=fp,
+        numerics=ex.numerics,
+        n_tokens=t,
+        segment_tokens=s,
+        created=time.time(),
+        has_logits=ex.logits is not None,
+        segments=seg_refs,
+        layers=layers,
+        mtp=mtp,
+    )
+    return encode_container(MAGIC_SNAPSHOT, "snapshot", meta.model_dump(), sections)
+
+
+def _enc_from(c: Container, prefix: str, em: EncMeta) -> codec.EncodedRows:
+    try:
+        shapes = codec.expected_part_shapes(em.model_dump())
+    except (ValueError, KeyError) as e:
+        raise _bad(c.path, f"{prefix}: {e}") from None
+    parts = {}
+    for part, (shape, dtype) in shapes.items():
+        a = c.get(f"{prefix}.{part}")
+        if a.shape != shape or a.dtype.name != dtype:
+            raise _bad(
+                c.path, f"{prefix}.{part} has shape {a.shape} {a.dtype}, expected {shape} {dtype}"
+            )
+        parts[part] = a
+    if c.has(f"{prefix}.x_idx"):
+        idx, val = c.get(f"{prefix}.x_idx"), c.get(f"{prefix}.x_val")
+        nq = em.modes.count("q")
+        if (
+            idx.ndim != 2
+            or idx.shape[1] != 2
+            or len(val) != len(idx)
+            or (len(idx) and (idx[:, 0].max() >= em.n or idx[:, 1].max() >= nq or idx.min() < 0))
+        ):
+            raise _bad(c.path, f"{prefix}: exception list out of range")
+        parts["x_idx"], parts["x_val"] = idx, val
+    return codec.EncodedRows(em.n, em.d, em.fmt, em.modes, parts)
+
+
+def _decode_into(
+    c: Container, prefix: str, em: EncMeta | None, out: np.ndarray, path: Path
+) -> None:
+    if em is None or out is None or (em.n, em.d) != out.shape:
+        got = None if em is None else (em.n, em.d)
+        raise _bad(
+            path, f"{prefix}: {got} rows stored, expected {None if out is None else out.shape}"
+        )
+    codec.decode_rows(_enc_from(c, prefix, em), out)
+
+
+def _decode_part(c: Container, prefix: str, em: EncMeta) -> np.ndarray:
+    return codec.decode_rows(_enc_from(c, prefix, em))
