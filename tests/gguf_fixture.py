@@ -22,8 +22,8 @@ class TinyShape:
     hidden: int = 256  # multiple of 256 (K-quant rows)
     n_layers: int = 4  # ratios 0, 0, 4, 128
     n_heads: int = 2
-    head_dim: int = 64
-    rope_dim: int = 16
+    head_dim: int = 128
+    rope_dim: int = 64
     q_lora: int = 64
     o_groups: int = 2
     o_lora: int = 32
@@ -31,7 +31,7 @@ class TinyShape:
     top_k: int = 2
     moe: int = 256  # multiple of 256
     index_heads: int = 2
-    index_dim: int = 32
+    index_dim: int = 64
     index_topk: int = 4
     hc: int = 4
     vocab: int = 300
