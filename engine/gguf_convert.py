@@ -66,22 +66,32 @@ def convert_gguf(
 
     src = GGUFSource(path)
     plan, targets = gguf_plan(src, tier, requant_group)
-    errors: dict[str, gq.ErrorStats] = {}
-    exact: dict[str, bool] = {}
+    stats: dict[str, dict[str, Any]] = {}
 
     def produce(name: str) -> Any:
         c = src.convert(name, targets[name], quantizer=quantizer)
-        cls = tensor_class(name)
-        errors.setdefault(cls, gq.ErrorStats()).merge(c.error)
-        exact[cls] = exact.get(cls, True) and c.exact
+        e = c.error
+        stats[name] = {
+            "class": tensor_class(name),
+            "exact": c.exact,
+            "sq_err": e.sq_err,
+            "sq_ref": e.sq_ref,
+            "max_abs": e.max_abs,
+        }
         return c.to_weight()
 
-    def report() -> dict[str, Any]:
-        # Classes whose shards were reused on a resume were not re-measured this run.
+    def report(per_tensor: dict[str, Any]) -> dict[str, Any]:
+        # The writer keeps each tensor's stats with its shard, so a resumed conversion still
+        # reports every tensor, including those of shards written by an earlier run.
+        by_class: dict[str, tuple[gq.ErrorStats, bool]] = {}
+        for st in per_tensor.values():
+            acc, exact = by_class.get(st["class"], (gq.ErrorStats(), True))
+            acc.merge(gq.ErrorStats(st["sq_err"], st["sq_ref"], st["max_abs"]))
+            by_class[st["class"]] = (acc, exact and st["exact"])
         return {
             "gguf": {
-                cls: {"exact": exact[cls], "rel_error": e.rel, "max_abs_error": e.max_abs}
-                for cls, e in sorted(errors.items())
+                cls: {"exact": ex, "rel_error": acc.rel, "max_abs_error": acc.max_abs}
+                for cls, (acc, ex) in sorted(by_class.items())
             }
         }
 
@@ -105,7 +115,8 @@ def convert_gguf(
         extra_files={k: json.dumps(v, ensure_ascii=False).encode() for k, v in tok.items()},
         overwrite=overwrite,
         progress=progress,
-        report=report,
+        tensor_stats=lambda name: stats.pop(name, None),
+        stats_report=report,
         **kwargs,
     )
 
