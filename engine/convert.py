@@ -211,6 +211,19 @@ def plan_bytes(plan: list[PlannedTensor]) -> int:
     return sum(t.nbytes for t in plan)
 
 
+def peak_ram_bound(plan: list[PlannedTensor], shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+    """Upper bound of the converter's working memory (page cache of the source excluded):
+    the shard being assembled (≤ shard_bytes, or one tensor when larger), the tensor being
+    produced twice over (per-expert parts + their stack) and ~10 float32 temporaries of the
+    largest matrix (or row block) the re-quantizer works on."""
+    largest = max((t.nbytes for t in plan), default=0)
+    work = 0
+    for t in plan:
+        rows, cols = t.shape[-2:] if len(t.shape) >= 2 else (1, t.shape[0])
+        work = max(work, min(rows, CHUNK_ROWS) * cols * 4)
+    return max(shard_bytes, largest) + 2 * largest + 10 * work
+
+
 # --------------------------------------------------------------------------------------------
 # Reading source tensors
 # --------------------------------------------------------------------------------------------
@@ -224,6 +237,20 @@ def read_float(t: SourceTensor, index: int = 0) -> np.ndarray:
         return quant.fp8_block_dequantize(raw, read_numpy(t.scales[index]))
     if t.kind == "fp4":
         return quant.fp4_row_dequantize(np.asarray(raw).view(np.uint8), read_numpy(t.scales[index]))
+    if e.dtype == "BF16":
+        return bf16_bits_to_f32(raw)
+    return np.asarray(raw, dtype=np.float32)
+
+
+CHUNK_ROWS = 4096  # re-quantize big matrices (the 129 280-row head) in row blocks
+
+
+def read_float_rows(t: SourceTensor, index: int, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of a float source matrix as float32, without reading the rest."""
+    e = t.entries[index]
+    if t.kind != "float":
+        return read_float(t, index)[r0:r1]
+    raw = read_numpy(e)[r0:r1]
     if e.dtype == "BF16":
         return bf16_bits_to_f32(raw)
     return np.asarray(raw, dtype=np.float32)
@@ -440,6 +467,7 @@ class ConvertOptions:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     overwrite: bool = False
     search: bool = True  # importance-weighted scale search (False: plain round-to-nearest)
+    include_mtp: bool = True  # the MTP block (≈ 2 GiB at q2) is optional for plain decoding
 
 
 @dataclass
@@ -470,6 +498,9 @@ class OfficialConverter:
                 f"{cfg_path}: model_type {self.config.get('model_type')!r} is not deepseek_v4"
             )
         self.tensors = source_tensors(self.ckpt.entries)
+        if not options.include_mtp:
+            self.tensors = [t for t in self.tensors if not t.name.startswith("mtp.")]
+            self.config = {**self.config, "num_nextn_predict_layers": 0}
         self.by_name = {t.name: t for t in self.tensors}
         self.calibration = Calibration(options.calibration)
         self.group_size: int | None = None
@@ -515,13 +546,49 @@ class OfficialConverter:
         acc = ErrorAccumulator()
         outs: list[QuantizedTensor] = []
         for i in indices:
-            w = mx.array(read_float(t, i))
-            imp = self.calibration.importance(name, i if stacked else None, w.shape[1])
-            r = affine_quantize(w, fmt.bits, fmt.group_size, imp, search=self.options.search)
-            acc.add(r)
-            outs.append(r.tensor)
+            q = self._quantize_one(t, i if stacked else None, fmt, acc)
+            outs.append(q)
         self.stats[name] = acc.to_json()
         return stack_quantized(outs) if stacked else outs[0]
+
+    def _quantize_one(
+        self, t: SourceTensor, expert: int | None, fmt: TensorFormat, acc: ErrorAccumulator
+    ) -> QuantizedTensor:
+        index = expert or 0
+        rows, cols = t.shape[-2:]
+        imp = self.calibration.importance(t.name, expert, cols)
+        if rows <= CHUNK_ROWS:
+            r = affine_quantize(
+                mx.array(read_float(t, index)),
+                fmt.bits,
+                fmt.group_size,
+                imp,
+                search=self.options.search,
+            )
+            acc.add(r)
+            return r.tensor
+        # Big matrix: one pass for the column-energy importance, then row blocks. Per-group
+        # quantization is row-local, so the blocks give the same result as the whole matrix.
+        if imp is None:
+            energy = np.zeros(cols, dtype=np.float64)
+            for r0 in range(0, rows, CHUNK_ROWS):
+                blk = read_float_rows(t, index, r0, min(r0 + CHUNK_ROWS, rows))
+                energy += np.square(blk, dtype=np.float64).sum(0)
+            imp = mx.array(energy.astype(np.float32))
+        parts = []
+        for r0 in range(0, rows, CHUNK_ROWS):
+            blk = mx.array(read_float_rows(t, index, r0, min(r0 + CHUNK_ROWS, rows)))
+            r = affine_quantize(blk, fmt.bits, fmt.group_size, imp, search=self.options.search)
+            acc.add(r)
+            parts.append(r.tensor)
+        return QuantizedTensor(
+            mx.concatenate([p.weight for p in parts]),
+            mx.concatenate([p.scales for p in parts]),
+            mx.concatenate([p.biases for p in parts]),  # type: ignore[misc]
+            "affine",
+            fmt.bits,
+            fmt.group_size,
+        )
 
     def run(
         self,
@@ -537,6 +604,7 @@ class OfficialConverter:
             _xxh(Path(self.options.calibration).read_bytes()) if self.options.calibration else None
         )
         source["search"] = self.options.search
+        source["mtp"] = self.options.include_mtp
         copy = [self.src / f for f in TOKENIZER_FILES if (self.src / f).is_file()]
         all_stats: dict[str, dict[str, float]] = {}
 
