@@ -75,6 +75,12 @@ def tool_read(args: ReadArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
             f"Read: {args.file_path} is an image/PDF ({path.stat().st_size} bytes) and this model has no image "
             f"input; inspect it with Bash (e.g. `file {args.file_path}`) or ask the user to describe it"
         )
+    if (
+        path.is_file()
+        and path.stat().st_size > env.limits.read_max_bytes
+        and (args.offset or args.limit)
+    ):
+        return _read_large(args, env, path)
     path, data = read_file_bytes(env, args.file_path, "Read")
     if looks_binary(data):
         raise ToolError(
@@ -116,6 +122,33 @@ def tool_read(args: ReadArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
         body + trailer,
         display={"kind": "read", "path": ws.display(path), "lines": [start, end], "total": total},
     )
+
+
+def _read_large(args: ReadArgs, env: ToolEnv, path: Path) -> ToolResult:
+    """A line range of a file over the size cap, streamed so memory stays small."""
+    with open(path, "rb") as f:
+        if looks_binary(f.read(8192)):
+            raise ToolError(
+                f"Read: {args.file_path} is a binary file; Read shows text only, use Bash (e.g. `xxd | head`) to inspect it"
+            )
+        f.seek(0)
+        start = args.offset or 1
+        limit = args.limit or env.limits.read_default_lines
+        end = start + limit - 1
+        picked: list[str] = []
+        total = 0
+        for total, raw in enumerate(f, 1):  # noqa: B007 - total is the line count afterwards
+            if start <= total <= end:
+                picked.append(raw.decode("utf-8", errors="replace").rstrip("\n").rstrip("\r"))
+    if start > total:
+        raise ToolError(
+            f"Read: offset {start} is past the end of {args.file_path}, which has {total} lines; use an offset from 1 to {total}"
+        )
+    last = start + len(picked) - 1
+    body = number_lines(picked, start, env.limits.read_max_line_chars)
+    more = f"; Read with offset={last + 1} to continue" if last < total else ""
+    note = f"\n[showing lines {start}-{last} of {total}{more}; the file is {path.stat().st_size} bytes, too large to edit]"
+    return ToolResult(body + note)
 
 
 def tool_write(args: WriteArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:

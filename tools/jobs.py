@@ -164,7 +164,7 @@ class JobManager:
 
     def _read(self, job: Job, fd: int) -> None:
         try:
-            with open(job.out_path, "wb") as fh:
+            with open(job.out_path, "wb", buffering=0) as fh:
                 while True:
                     try:
                         chunk = os.read(fd, 65536)

@@ -218,6 +218,17 @@ def plan_edit(text: str, old: str, new: str, replace_all: bool = False) -> EditP
             "old_string was not found in the file; Read the file again and copy the exact text (see the closest match below)",
             detail=closest_match(text, old),
         )
+    if (
+        strategy == "exact"
+        and len(cands) == 1
+        and not replace_all
+        and text.find(old, cands[0][0] + 1) >= 0
+    ):
+        # Overlapping occurrences ("aa" in "aaa") are just as ambiguous as separate ones.
+        second = text.find(old, cands[0][0] + 1)
+        raise ToolError(
+            f"old_string matches 2 overlapping places (lines {_line_of(text, cands[0][0])}, {_line_of(text, second)}); include more surrounding text to make it unique"
+        )
     if len(cands) > 1 and not replace_all:
         lines = ", ".join(str(_line_of(view, s)) for s, _, _ in cands[:10])
         more = "" if len(cands) <= 10 else ", …"

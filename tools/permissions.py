@@ -112,6 +112,31 @@ SAFE_GIT = {
     "merge-base",
 }
 FIND_UNSAFE = {"-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprintf", "-fls"}
+# Programs whose first argument is a subcommand: remembered rules keep it (`Bash(npm test:*)`).
+SUBCOMMAND_PROGRAMS = {
+    "git",
+    "npm",
+    "pnpm",
+    "yarn",
+    "bun",
+    "cargo",
+    "go",
+    "uv",
+    "pip",
+    "pip3",
+    "poetry",
+    "docker",
+    "kubectl",
+    "make",
+    "just",
+    "gradle",
+    "mvn",
+    "dotnet",
+    "swift",
+    "brew",
+    "apt",
+    "conda",
+}
 RISKY_PROGRAMS = {
     "rm",
     "rmdir",
@@ -473,7 +498,7 @@ def _suggest(segments: list[Segment]) -> list[str]:
         prog = words[0].rsplit("/", 1)[-1]
         if prog in RISKY_PROGRAMS or seg.writes_file or "$SUB" in words:
             rule = f"Bash({seg.text})"
-        elif len(words) > 1 and not words[1].startswith("-") and words[1].isidentifier():
+        elif len(words) > 1 and prog in SUBCOMMAND_PROGRAMS and not words[1].startswith("-"):
             rule = f"Bash({words[0]} {words[1]}:*)"
         else:
             rule = f"Bash({words[0]}:*)"

@@ -124,23 +124,36 @@ def _rel_arg(env: ToolEnv, path: Path) -> str:
     return rel or "."
 
 
-def _grep_rg(rg: str, args: GrepArgs, env: ToolEnv, start: Path) -> tuple[list[str], int]:
-    cmd = [
+def _prefilter(globs: list[str]) -> list[str]:
+    """rg arguments that narrow the walk to the globs' file names without overriding .gitignore.
+
+    rg's own --glob whitelists files even when .gitignore excludes them, so positive globs are
+    applied in Python on rg's output instead; when every positive glob is a plain file-name
+    pattern, a custom file type (which does respect ignore files) lets rg skip the rest early.
+    """
+    positive = [g for g in globs if not g.startswith("!")]
+    if not positive or any("/" in g for g in positive):
+        return []
+    return [*(f"--type-add=ds4sel:{g}" for g in positive), "--type=ds4sel"]
+
+
+def _rg_base(rg: str, env: ToolEnv) -> list[str]:
+    return [
         rg,
         "--no-config",
         "--color=never",
         "--hidden",
         "--no-require-git",
-        "--sort=path",
-        "--max-columns=500",
-        "--max-columns-preview",
+        "--null",
         "--glob=!.git",
     ]
-    for g in _secret_excludes(env):
-        cmd.append(f"--glob={g}")
-    if args.glob:
-        for g in _split_globs(args.glob):
-            cmd.append(f"--glob={g}")
+
+
+def _grep_rg(rg: str, args: GrepArgs, env: ToolEnv, start: Path) -> tuple[list[str], int]:
+    globs = _split_globs(args.glob) if args.glob else []
+    keep = _GlobFilter(globs + _secret_excludes(env))
+    cmd = _rg_base(rg, env) + ["--sort=path", "--max-columns=500", "--max-columns-preview"]
+    cmd += _prefilter(globs)
     if args.type:
         cmd.append(f"--type={args.type}")
     if args.case_insensitive:
@@ -169,13 +182,48 @@ def _grep_rg(rg: str, args: GrepArgs, env: ToolEnv, start: Path) -> tuple[list[s
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    assert proc.stdout is not None
     lines: list[str] = []
     total = 0
-    assert proc.stdout is not None
-    for raw in proc.stdout:  # streamed: memory stays bounded by `limit` whatever rg prints
+    explicit_file = start.is_file()
+
+    def emit(line: str) -> None:
+        nonlocal total
+        if line == "--" and (not lines or lines[-1] == "--"):
+            return
         total += 1
         if len(lines) < limit:
-            lines.append(raw.decode("utf-8", errors="replace").rstrip("\n"))
+            lines.append(line)
+
+    if args.output_mode == "files_with_matches":
+        # --null with -l prints "path\0path\0…" without newlines.
+        for raw in proc.stdout.read().split(b"\0"):
+            path = _strip_dot(raw.decode("utf-8", errors="replace").strip("\n"))
+            if path and (explicit_file or keep(path)):
+                emit(path)
+    else:
+        for raw in proc.stdout:  # streamed: memory stays bounded by `limit` whatever rg prints
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if "\0" not in line:
+                emit(line)
+                continue
+            path, rest = line.split("\0", 1)
+            path = _strip_dot(path)
+            if not (explicit_file or keep(path)):
+                continue
+            if args.output_mode == "count":
+                emit(f"{path}:{rest}")
+                continue
+            digits = len(rest) - len(rest.lstrip("0123456789"))
+            sep = (
+                rest[digits]
+                if args.line_numbers and digits and rest[digits : digits + 1] in (":", "-")
+                else ":"
+            )
+            emit(f"{path}{sep}{rest}")
+    while lines and lines[-1] == "--":
+        lines.pop()
+        total -= 1
     err = proc.stderr.read().decode("utf-8", errors="replace") if proc.stderr else ""
     code = proc.wait()
     if code == 2 and total == 0:
@@ -189,7 +237,6 @@ def _grep_rg(rg: str, args: GrepArgs, env: ToolEnv, start: Path) -> tuple[list[s
                 f"Grep: unknown file type {args.type!r}; use a ripgrep type such as py, js, ts, rust, go, or use glob instead"
             )
         raise ToolError(f"Grep: ripgrep failed: {first}; check the pattern, path and glob")
-    lines = [_strip_dot(ln) for ln in lines]
     return lines, total
 
 
@@ -334,11 +381,9 @@ def tool_glob(args: GlobArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
         # Make patterns like "a/*.py" relative to the search directory, as users expect.
         pattern = f"{_rel_arg(env, start)}/{pattern}"
     rg = find_rg()
+    globs = _split_globs(pattern)
     if rg:
-        cmd = [rg, "--no-config", "--files", "--hidden", "--no-require-git", "--glob=!.git"]
-        cmd += [f"--glob={g}" for g in _secret_excludes(env)]
-        cmd += [f"--glob={g}" for g in _split_globs(pattern)]
-        cmd += ["--", _rel_arg(env, start)]
+        cmd = _rg_base(rg, env) + ["--files", *_prefilter(globs), "--", _rel_arg(env, start)]
         proc = subprocess.run(
             cmd, cwd=env.workspace.root, stdin=subprocess.DEVNULL, capture_output=True
         )
@@ -346,13 +391,16 @@ def tool_glob(args: GlobArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
             raise ToolError(
                 f"Glob: invalid pattern {args.pattern!r} ({_one_line(proc.stderr.decode(errors='replace'))}); fix the glob"
             )
+        keep = _GlobFilter(globs + _secret_excludes(env))
         rels = [
-            _strip_dot(ln)
-            for ln in proc.stdout.decode("utf-8", errors="replace").splitlines()
-            if ln
+            r
+            for r in (
+                _strip_dot(x) for x in proc.stdout.decode("utf-8", errors="replace").split("\0")
+            )
+            if r and keep(r)
         ]
     else:
-        rels = [rel for _, rel in _py_files(env, start, _split_globs(pattern))]
+        rels = [rel for _, rel in _py_files(env, start, globs)]
     if not rels:
         return ToolResult(f"No files match {args.pattern!r} in {shown}")
 

@@ -1,0 +1,155 @@
+"""Read, Write, LS and the workspace sandbox (symlink and `..` escapes, secrets)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from ds4_agent.tools.context import ToolContext
+from tools_helpers import Harness
+
+
+@pytest.fixture
+def h(tmp_path):
+    (tmp_path / "ws").mkdir()
+    harness = Harness(tmp_path / "ws")
+    yield harness
+    harness.close()
+
+
+def test_read_numbers_lines_and_pages(h):
+    h.write_file("big.txt", "".join(f"line {i}\n" for i in range(1, 2501)))
+    text = h.ok("Read", file_path="big.txt")
+    lines = text.split("\n")
+    assert lines[0] == "     1\tline 1"
+    assert lines[1999] == "  2000\tline 2000"
+    assert lines[-1] == "[showing lines 1-2000 of 2500; Read with offset=2001 to continue]"
+    text = h.ok("Read", file_path="big.txt", offset=2400, limit=5)
+    assert text.split("\n")[0] == "  2400\tline 2400"
+    assert "showing lines 2400-2404 of 2500; Read with offset=2405" in text
+    msg = h.err("Read", file_path="big.txt", offset=3000)
+    assert "past the end" in msg and "2500 lines" in msg
+
+
+def test_read_long_line_cut_with_marker(h):
+    h.write_file("wide.txt", "x" * 5000 + "\n")
+    text = h.ok("Read", file_path="wide.txt")
+    assert "[line cut: 3000 more chars]" in text
+
+
+def test_read_empty_binary_image_dir_missing(h):
+    h.write_file("empty.txt", "")
+    assert "empty" in h.ok("Read", file_path="empty.txt")
+    h.write_file("blob.bin", b"\x00\x01\x02" * 10)
+    assert "binary file" in h.err("Read", file_path="blob.bin")
+    h.write_file("pic.png", b"\x89PNG\r\n\x1a\n")
+    assert "image" in h.err("Read", file_path="pic.png")
+    (h.root / "sub").mkdir()
+    assert "is a directory" in h.err("Read", file_path="sub")
+    assert "file not found" in h.err("Read", file_path="nope.txt")
+
+
+def test_read_size_cap(h):
+    h.reg.limits.read_max_bytes = 1000
+    h.write_file("large.txt", "y" * 2000)
+    msg = h.err("Read", file_path="large.txt")
+    assert "over the 1000-byte limit" in msg
+
+
+def test_read_non_utf8_and_utf16(h):
+    h.write_file("latin.txt", "caf\xe9\n".encode("latin-1"))
+    text = h.ok("Read", file_path="latin.txt")
+    assert "caf\ufffd" in text and "not valid UTF-8" in text
+    h.write_file("u16.txt", "hello\n".encode("utf-16"))
+    text = h.ok("Read", file_path="u16.txt")
+    assert "hello" in text and "UTF-16" in text
+
+
+def test_dotdot_escape_refused(h, tmp_path):
+    (tmp_path / "outside.txt").write_text("secret\n")
+    msg = h.err("Read", file_path="../outside.txt")
+    assert "outside the workspace" in msg
+    assert "outside the workspace" in h.err("Write", file_path="../evil.txt", content="x")
+    assert not (tmp_path / "evil.txt").exists()
+    assert "outside the workspace" in h.err("Read", file_path=str(tmp_path / "outside.txt"))
+
+
+def test_symlink_escape_refused(h, tmp_path):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "data.txt").write_text("outside\n")
+    os.symlink(tmp_path / "outside", h.root / "link")
+    os.symlink(tmp_path / "outside" / "data.txt", h.root / "filelink.txt")
+    for call in (
+        ("Read", {"file_path": "link/data.txt"}),
+        ("Read", {"file_path": "filelink.txt"}),
+        ("Write", {"file_path": "link/new.txt", "content": "x"}),
+        ("Edit", {"file_path": "filelink.txt", "old_string": "outside", "new_string": "pwned"}),
+        ("LS", {"path": "link"}),
+        ("Grep", {"pattern": "outside", "path": "link"}),
+    ):
+        res = h(call[0], **call[1])
+        assert res.is_error and "through a symlink" in res.text, res.text
+    assert not (tmp_path / "outside" / "new.txt").exists()
+    assert (tmp_path / "outside" / "data.txt").read_text() == "outside\n"
+
+
+def test_symlink_inside_workspace_is_fine(h):
+    h.write_file("real.txt", "ok\n")
+    os.symlink(h.root / "real.txt", h.root / "alias.txt")
+    assert "ok" in h.ok("Read", file_path="alias.txt")
+
+
+def test_secret_files_need_permission(tmp_path):
+    h = Harness(tmp_path, mode="full-auto")
+    try:
+        h.write_file(".env", "API_KEY=123\n")
+        h.write_file(".env.local", "API_KEY=456\n")
+        h.write_file("id_rsa", "KEY\n")
+        for name in (".env", ".env.local", "id_rsa"):
+            res = h("Read", file_path=name)
+            assert res.is_error and "secrets" in res.text
+        assert h.ctx.denials and h.ctx.denials[0]["tool_name"] == "Read"
+        # Interactive approval lets it through.
+        ctx = ToolContext(approve=lambda call, decision: True)
+        assert "API_KEY=123" in h.reg.call("Read", {"file_path": ".env"}, ctx).text
+    finally:
+        h.close()
+    # An explicit allow rule also does.
+    h = Harness(tmp_path, mode="ask", allow=["Read(.env)"])
+    try:
+        assert "API_KEY=123" in h.ok("Read", file_path=".env")
+    finally:
+        h.close()
+
+
+def test_ls(h):
+    h.write_file("b.txt", "12345")
+    h.write_file("a/x.txt", "")
+    h.write_file("run.sh", "")
+    os.chmod(h.root / "run.sh", 0o755)
+    os.symlink("b.txt", h.root / "l")
+    text = h.ok("LS")
+    assert text.split("\n") == [
+        "./ (4 entries)",
+        "a/",
+        "b.txt  (5 bytes)",
+        "l@ -> b.txt",
+        "run.sh*  (0 bytes)",
+    ]
+    assert "b.txt  (" not in h.ok("LS", ignore=["*.txt"])
+    assert "is a file" in h.err("LS", path="b.txt")
+
+
+def test_extra_dirs_are_allowed(tmp_path):
+    from ds4_agent.tools.registry import ToolRegistry
+    from ds4_agent.tools.workspace import Workspace
+
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "x.txt").write_text("shared\n")
+    reg = ToolRegistry.from_data(Workspace(tmp_path / "ws", extra_dirs=[tmp_path / "lib"]))
+    try:
+        res = reg.call("Read", {"file_path": str(tmp_path / "lib" / "x.txt")}, ToolContext())
+        assert not res.is_error and "shared" in res.text
+    finally:
+        reg.close()
