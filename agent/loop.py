@@ -152,6 +152,10 @@ class Agent:
         self.pre_turn_notes: list[Callable[[], str | None]] = []  # watchers, facts
         self.total_prefill = 0
         self.total_decode = 0
+        # Compaction hook (set by the session runner): called with this agent when the
+        # context is nearly full; it replaces the transcript epoch and the state.
+        self.compactor: Callable[[Agent], Any] | None = None
+        self.extra_notes: list[str] = []  # one-shot notes for the next user turn (!cmd output)
 
     # -- transcript ----------------------------------------------------------------------
 
@@ -175,13 +179,20 @@ class Agent:
             self.events.prefill_progress(done, total, time.perf_counter() - t0)
 
         before = self.state.n_tokens
-        logits = self.engine.prefill(
-            self.state,
-            pending,
-            chunk_size=self.cfg.prefill_chunk,
-            progress=progress,
-            should_stop=self.interrupt.is_set,
-        )
+        try:
+            logits = self.engine.prefill(
+                self.state,
+                pending,
+                chunk_size=self.cfg.prefill_chunk,
+                progress=progress,
+                should_stop=self.interrupt.is_set,
+            )
+        except Exception as e:
+            # The engine raises its own Cancelled between chunks; the state then holds the
+            # chunks that completed, a valid prefix. Anything else is a real error.
+            if e.__class__.__name__ != "Cancelled":
+                raise
+            logits = None
         done = self.state.n_tokens - before
         self.total_prefill += done
         if stats is not None:
@@ -198,11 +209,28 @@ class Agent:
     def notes(self) -> str:
         """Text the agent adds in front of the next user text (facts, changed files)."""
         parts = [n for n in (f() for f in self.pre_turn_notes) if n]
+        parts += self.extra_notes
+        self.extra_notes = []
         return "\n\n".join(parts)
+
+    def maybe_compact(self, extra: int = 0) -> bool:
+        """Compact when the context is nearly full (soft) or `extra` tokens would not fit."""
+        from ds4_agent.agent.compaction import fits, should_compact
+
+        n = len(self.tokens)
+        soft = should_compact(n, self.cfg.ctx_limit)
+        hard = extra > 0 and not fits(n, extra, self.cfg.ctx_limit, self.cfg.reserve_tokens)
+        if self.compactor is None or not (soft or hard):
+            return False
+        why = "a tool result would not fit" if hard else "the context is nearly full"
+        self.events.notice(f"compacting the conversation: {why} ({n}/{self.cfg.ctx_limit} tokens)")
+        self.compactor(self)
+        return True
 
     def run_turn(self, user_text: str) -> TurnResult:
         self.interrupt.clear()
         self.turn_no += 1
+        self.maybe_compact()
         notes = self.notes()
         body = f"{notes}\n\n{user_text}" if notes else user_text
         self.append(
@@ -286,10 +314,22 @@ class Agent:
             results = [error] if error else self._run_calls(calls, seen, ctx)
             res.denials = list(getattr(ctx, "denials", None) or [])
             note = self.queue.popleft() if self.queue else ""
+            notes = self.notes()
+            if notes:
+                note = f"{notes}\n\n{note}" if note else notes
+            tokens = self.render.tool_results(results, self.cfg.thinking, note=note)
+            if self.maybe_compact(extra=len(tokens)) and not self._fits(len(tokens)):
+                results = [
+                    f"Tool error: the result ({len(tokens)} tokens) does not fit in the context "
+                    "even after compaction; ask for less output (a line range, a narrower "
+                    "search, `| tail`)."
+                    for _ in results
+                ]
+                tokens = self.render.tool_results(results, self.cfg.thinking, note=note)
             self.append(
                 Entry(
                     kind="tool_results",
-                    tokens=self.render.tool_results(results, self.cfg.thinking, note=note),
+                    tokens=tokens,
                     text="\n\n".join(results),
                     data={"note": note} if note else {},
                 )
@@ -300,6 +340,9 @@ class Agent:
             res.prefill_tokens += stats.prefill_tokens
             res.decode_tokens += stats.decode_tokens
         raise AssertionError("unreachable")
+
+    def _fits(self, extra: int) -> bool:
+        return len(self.tokens) + extra + self.cfg.reserve_tokens < self.cfg.ctx_limit
 
     def _finish(self, res: TurnResult, stats: RoundStats, status: str) -> TurnResult:
         res.status = status  # type: ignore[assignment]
