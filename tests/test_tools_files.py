@@ -153,3 +153,49 @@ def test_extra_dirs_are_allowed(tmp_path):
         assert not res.is_error and "shared" in res.text
     finally:
         reg.close()
+
+
+def test_read_output_capped_by_size_with_continue_hint(h):
+    h.reg.limits.read_max_chars = 1000
+    h.write_file("w.txt", "".join(f"{i:04d} " + "z" * 90 + "\n" for i in range(1, 101)))
+    text = h.ok("Read", file_path="w.txt")
+    assert len(text) < 1300
+    last = text.split("\n")[-1]
+    m = __import__("re").fullmatch(
+        r"\[showing lines 1-(\d+) of 100 \(output size cap\); Read with offset=(\d+) to continue\]",
+        last,
+    )
+    assert m and int(m.group(2)) == int(m.group(1)) + 1
+
+
+def test_large_file_paged_read_streams(h):
+    h.reg.limits.read_max_bytes = 1000
+    h.write_file("huge.txt", "".join(f"row {i}\n" for i in range(1, 5001)))
+    assert "over the 1000-byte limit" in h.err("Read", file_path="huge.txt")
+    text = h.ok("Read", file_path="huge.txt", offset=4999, limit=10)
+    assert text.split("\n")[:2] == ["  4999\trow 4999", "  5000\trow 5000"]
+    assert "showing lines 4999-5000 of 5000" in text and "too large to edit" in text
+
+
+def test_sandbox_refuses_before_asking(tmp_path):
+    (tmp_path / "ws").mkdir()
+    h = Harness(tmp_path / "ws", mode="ask")
+    try:
+        asked = []
+        ctx = ToolContext(approve=lambda call, decision: asked.append(call) or True)
+        res = h.reg.call("Write", {"file_path": "../x.txt", "content": "x"}, ctx)
+        assert res.is_error and "outside the workspace" in res.text
+        assert asked == []
+    finally:
+        h.close()
+
+
+def test_read_state_export_import(h):
+    from ds4_agent.tools.workspace import Workspace
+
+    h.write_file("a.txt", "x\n")
+    h.ok("Read", file_path="a.txt")
+    state = h.reg.workspace.export_read_state()
+    ws2 = Workspace(h.root)
+    ws2.import_read_state(__import__("json").loads(__import__("json").dumps(state)))
+    ws2.check_fresh(h.root / "a.txt", b"x\n", "Edit")  # no error: the stamp came across

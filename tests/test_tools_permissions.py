@@ -250,3 +250,11 @@ def test_registry_read_only_mode_denies(tmp_path):
         assert h.ok("Bash", command="ls").startswith("a.txt")
     finally:
         h.close()
+
+
+def test_shell_commands_touching_secret_files_ask():
+    p = policy("full-auto", allow=["Bash(cat:*)"])
+    p.is_secret = lambda path: path.name.startswith(".env")
+    assert bash(p, "cat .env") == "ask"
+    assert bash(p, "ls && grep KEY config/.env.prod") == "ask"
+    assert bash(p, "cat README.md") == "allow"

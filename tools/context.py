@@ -22,6 +22,7 @@ class Limits:
     read_default_lines: int = 2000
     read_max_line_chars: int = 2000
     read_max_bytes: int = 16 * 1024 * 1024
+    read_max_chars: int = 100_000  # one Read result; beyond this the model pages with offset
     output_max_chars: int = 30000  # per tool result; beyond this, head + tail with a marker
     grep_default_head: int = 250
     glob_max_results: int = 500
@@ -29,6 +30,7 @@ class Limits:
     bash_default_timeout_ms: int = 120_000
     bash_max_timeout_ms: int = 600_000
     bash_kill_grace_s: float = 1.0
+    result_max_chars: int = 200_000  # last-resort cap on any tool result (head + tail kept)
 
 
 @dataclass

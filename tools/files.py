@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .atomic import atomic_write
 from .context import ToolContext, ToolEnv
 from .result import ToolError, ToolResult
-from .textutil import IMAGE_SUFFIXES, decode_text, looks_binary, number_lines
+from .textutil import IMAGE_SUFFIXES, decode_text, fit_lines, looks_binary, number_lines
 
 
 class Args(BaseModel):
@@ -111,10 +111,12 @@ def tool_read(args: ReadArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
         )
     limit = args.limit or env.limits.read_default_lines
     end = min(total, start + limit - 1)
+    end = fit_lines(lines, start, end, env.limits.read_max_line_chars, env.limits.read_max_chars)
     body = number_lines(lines[start - 1 : end], start, env.limits.read_max_line_chars)
     if end < total or start > 1:
         more = f"; Read with offset={end + 1} to continue" if end < total else ""
-        notes.append(f"showing lines {start}-{end} of {total}{more}")
+        cut = " (output size cap)" if end < min(total, start + limit - 1) else ""
+        notes.append(f"showing lines {start}-{end} of {total}{cut}{more}")
     if end == total and no_final_newline:
         notes.append("no newline at end of file")
     trailer = "".join(f"\n[{n}]" for n in notes)
@@ -144,6 +146,10 @@ def _read_large(args: ReadArgs, env: ToolEnv, path: Path) -> ToolResult:
         raise ToolError(
             f"Read: offset {start} is past the end of {args.file_path}, which has {total} lines; use an offset from 1 to {total}"
         )
+    keep = fit_lines(
+        picked, 1, len(picked), env.limits.read_max_line_chars, env.limits.read_max_chars
+    )
+    picked = picked[:keep]
     last = start + len(picked) - 1
     body = number_lines(picked, start, env.limits.read_max_line_chars)
     more = f"; Read with offset={last + 1} to continue" if last < total else ""

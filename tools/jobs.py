@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +103,7 @@ class JobManager:
 
     def __init__(
         self,
-        scratch: callable,
+        scratch: Callable[[], Path],
         env_overrides: dict[str, str] | None = None,
         keep_files: int = 20,
         kill_grace_s: float = 1.0,

@@ -400,6 +400,21 @@ class PermissionPolicy:
                         return PermissionDecision(
                             "deny", f"`{seg.text}` is denied by rule {r}", str(r)
                         )
+        if (
+            parsed
+            and self.is_secret is not None
+            and not any(r.spec == command.strip() for r in allow)
+        ):
+            for seg in segments:
+                secret = next(
+                    (w for w in seg.words[1:] if not w.startswith("-") and self._names_secret(w)),
+                    None,
+                )
+                if secret is not None:
+                    return PermissionDecision(
+                        "ask",
+                        f"`{seg.text}` touches {secret}, which may contain secrets; that needs the user's permission",
+                    )
         pending: list[Segment] = []
         asked: Rule | None = None
         for seg in segments:
@@ -438,6 +453,11 @@ class PermissionPolicy:
             f"{what} needs approval: {shown}",
             suggestions=_suggest(pending) if parsed else [],
         )
+
+    def _names_secret(self, word: str) -> bool:
+        p = os.path.expanduser(word)
+        full = p if os.path.isabs(p) else os.path.join(self.root, p)
+        return bool(self.is_secret(Path(os.path.normpath(full))))
 
     def _safe(self, seg: Segment) -> bool:
         if seg.writes_file:

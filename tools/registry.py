@@ -23,6 +23,7 @@ from .jobs import JobManager
 from .journal import UndoJournal
 from .permissions import PermissionDecision, PermissionPolicy, ToolCall
 from .result import ToolError, ToolResult
+from .textutil import head_tail
 from .workspace import Workspace
 
 ToolFn = Callable[[Any, ToolEnv, ToolContext], ToolResult]
@@ -199,6 +200,14 @@ class ToolRegistry:
         call = ToolCall(
             name, args.model_dump(by_alias=True, exclude_none=True), spec.kind, spec.path_param
         )
+        # The sandbox answers before the user is asked: approving a path the tool will refuse
+        # anyway would only waste the user's attention.
+        raw_path = call.arguments.get(spec.path_param) if spec.path_param else None
+        if isinstance(raw_path, str) and raw_path.strip():
+            try:
+                self.workspace.resolve(raw_path, for_write=spec.kind == "edit")
+            except ToolError as e:
+                return ToolResult.error(f"{name}: {e.message}")
         decision = self.policy.check(call)
         if decision.behavior != "allow":
             refused = self._refusal(call, decision, ctx)
@@ -218,7 +227,12 @@ class ToolRegistry:
             return ToolResult.error(
                 f"{name} failed with an internal error ({type(e).__name__}: {str(e)[:200]}); try another way"
             )
-        return result if isinstance(result, ToolResult) else ToolResult(str(result))
+        if not isinstance(result, ToolResult):
+            result = ToolResult(str(result))
+        if len(result.text) > self.limits.result_max_chars:
+            # Tools cap their own output; this guard only keeps a bug from flooding the context.
+            result.text, _ = head_tail(result.text, self.limits.result_max_chars, what="result")
+        return result
 
     def _parse_args(
         self, spec: ToolSpec, arguments: dict[str, Any] | str | None

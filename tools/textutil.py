@@ -64,6 +64,16 @@ def number_lines(lines: list[str], start: int, max_chars: int) -> str:
     return "\n".join(out)
 
 
+def fit_lines(lines: list[str], start: int, end: int, max_line_chars: int, max_chars: int) -> int:
+    """The last line number (1-based, <= end) whose numbered rendering keeps the output under max_chars."""
+    used = 0
+    for n in range(start, end + 1):
+        used += min(len(lines[n - 1]), max_line_chars + 40) + 8
+        if used > max_chars and n > start:
+            return n - 1
+    return end
+
+
 def head_tail(
     text: str, max_chars: int, saved_to: str | None = None, what: str = "output"
 ) -> tuple[str, bool]:

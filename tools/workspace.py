@@ -157,6 +157,19 @@ class Workspace:
         st = path.stat()
         self.read_state[path] = FileStamp(digest(data), st.st_mtime_ns, st.st_size)
 
+    def export_read_state(self) -> dict[str, dict[str, int | str]]:
+        """What the model has seen, as JSON-able data (sessions save it so guards survive a resume)."""
+        return {
+            str(p): {"sha256": s.sha256, "mtime_ns": s.mtime_ns, "size": s.size}
+            for p, s in self.read_state.items()
+        }
+
+    def import_read_state(self, data: dict[str, dict[str, int | str]]) -> None:
+        for p, s in data.items():
+            self.read_state[Path(p)] = FileStamp(
+                str(s["sha256"]), int(s["mtime_ns"]), int(s["size"])
+            )
+
     def forget(self, path: Path) -> None:
         self.read_state.pop(path, None)
 
