@@ -1,8 +1,8 @@
 """Synthetic engine states with real shapes, for snapshot tests and benchmarks (no model run).
 
-Rows are a pure function of the token prefix that produced them (each CSA row of the ids up to
-its window end, each raw row of the ids up to its position, …), so two synthetic sessions that
-share a prefix share those rows exactly, like forks of a real session do. In `official`
+A state is a pure function of its token ids, and the rows of every complete 128-token chunk
+depend only on the ids up to the end of that chunk, so two synthetic sessions that share a
+prefix share those rows exactly, like forks of a real session do (and so share segments). In `official`
 numerics the KV rows are FP8 e4m3 × 2^k on all but the last `rope_dim` channels (those are
 bfloat16) and the index keys FP4 e2m1 × 2^k, as the engine produces them.
 """
@@ -18,6 +18,7 @@ from ds4_agent.sessions.codec import E2M1, E4M3, dequantize_blocks
 
 FLASH_RATIOS = (0, 0) + (4, 128) * 20 + (4,)
 KIND = {0: "swa", 4: "csa", 128: "hca"}
+_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -82,19 +83,28 @@ def synth_export(
     idxs: dict[int, np.ndarray] = {}
     for ratio, ids in layer_ids.items():
         n = t // ratio
-        per = [np.empty((n, cfg.head_dim), np.float32) for _ in ids]
-        per_i = [np.empty((n, cfg.index_dim), np.float32) for _ in ids] if ratio == 4 else []
-        for w, seed in enumerate(_seeds(tokens, ratio, n)):
+        per = np.empty((len(ids), n, cfg.head_dim), np.float32)
+        per_i = np.empty((len(ids), n, cfg.index_dim), np.float32) if ratio == 4 else None
+        # Rows of complete 128-token chunks come from one seed per chunk (fast); the rows of
+        # the last, partial chunk from one seed per row.
+        per_chunk = _CHUNK // ratio
+        n_full = (t // _CHUNK) * per_chunk
+        jobs = [
+            (w * per_chunk, per_chunk, sd)
+            for w, sd in enumerate(_seeds(tokens, _CHUNK, t // _CHUNK))
+        ]
+        tail_seeds = _seeds(tokens, ratio, n)[n_full:] if n > n_full else []
+        jobs += [(n_full + j, 1, sd) for j, sd in enumerate(tail_seeds)]
+        for r0, count, seed in jobs:
             rng = np.random.default_rng(seed)
-            rows = kv_rows(rng, len(ids), cfg, numerics)
-            irows = index_rows(rng, len(ids), cfg, numerics) if ratio == 4 else None
-            for j in range(len(ids)):
-                per[j][w] = rows[j]
-                if irows is not None:
-                    per_i[j][w] = irows[j]
+            rows = kv_rows(rng, len(ids) * count, cfg, numerics)
+            per[:, r0 : r0 + count] = rows.reshape(len(ids), count, -1)
+            if per_i is not None:
+                irows = index_rows(rng, len(ids) * count, cfg, numerics)
+                per_i[:, r0 : r0 + count] = irows.reshape(len(ids), count, -1)
         for j, i in enumerate(ids):
             comps[i] = per[j]
-            if ratio == 4:
+            if per_i is not None:
                 idxs[i] = per_i[j]
     # Raw window: the kv rows of the last min(T, window) positions, oldest first.
     n_raw = min(t, cfg.window)

@@ -1,0 +1,139 @@
+"""The snapshot codec: exact FP8/FP4 block codes, per-column fallbacks, run-length frontiers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ds4_agent.engine import quant
+from ds4_agent.sessions import codec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def test_tables_agree_with_the_engine_quantizer():
+    ours = codec.E4M3.decode_table()
+    theirs = quant.e4m3_decode(np.arange(256, dtype=np.uint8))
+    finite = np.isfinite(ours)
+    assert finite.sum() == 254  # 0x7F and 0xFF are NaN
+    assert np.array_equal(bits(ours[finite]), bits(theirs[finite]))
+    assert np.array_equal(
+        bits(codec.E2M1.decode_table()), bits(quant.e2m1_decode(np.arange(16, dtype=np.uint8)))
+    )
+    assert codec.E4M3.max_value == 448.0 and codec.E2M1.max_value == 6.0
+
+
+@pytest.mark.parametrize("fmt", [codec.E4M3, codec.E2M1])
+def test_every_code_at_every_exponent_round_trips(fmt):
+    table = fmt.decode_table()
+    codes = np.flatnonzero(np.isfinite(table)).astype(np.uint8)
+    # One block per (code, k): [max code, code] so the block exponent is exactly k.
+    ks = np.arange(-126, 120)
+    pair = np.stack([np.full_like(codes, fmt.max_code), codes], axis=1)  # [C, 2]
+    vals = table[pair][None, :, :] * np.ldexp(np.float32(1), ks)[:, None, None]
+    vals = vals.astype(np.float32)
+    code, e8, ok = codec.quantize_blocks(vals, fmt)
+    assert ok.all()
+    assert np.array_equal(code[..., 1], np.broadcast_to(codes, code.shape[:-1]))
+    assert np.array_equal(e8.astype(int) - 127, np.broadcast_to(ks[:, None], e8.shape))
+    back = codec.dequantize_blocks(code, e8, fmt)
+    assert np.array_equal(bits(back), bits(vals))
+
+
+@pytest.mark.parametrize("fmt", [codec.E4M3, codec.E2M1])
+def test_representability_is_decided_exactly(fmt):
+    """Every float32 in [1, 2) next to the format's max: ok iff it is a code (k = 0)."""
+    x = (np.arange(1 << 23, dtype=np.uint32) | np.uint32(127 << 23)).view(np.float32)
+    blocks = np.stack([np.full_like(x, fmt.max_value), x], axis=1)
+    _, _, ok = codec.quantize_blocks(blocks, fmt)
+    low_bits = (x.view(np.uint32) & ((1 << (23 - fmt.mbits)) - 1)) == 0
+    assert np.array_equal(ok, low_bits)
+    assert ok.sum() == 1 << fmt.mbits
+
+
+def test_engine_quantized_rows_encode_without_exceptions():
+    rng = np.random.default_rng(0)
+    kv = rng.standard_normal((200, 512)).astype(np.float32) * rng.uniform(
+        1e-3, 50, (200, 1)
+    ).astype(np.float32)
+    kv[:, :448] = quant.fp8_roundtrip_np(kv[:, :448])
+    kv[:, 448:] = (kv[:, 448:].view(np.uint32) & 0xFFFF0000).view(np.float32)
+    enc = codec.encode_rows(kv, "e4m3")
+    assert enc.modes == "q" * 7 + "b" and "x_idx" not in enc.parts
+    assert enc.nbytes == 200 * 583  # engine-spec §3.4
+    assert np.array_equal(bits(codec.decode_rows(enc)), bits(kv))
+    # float32 RoPE channels (the MLX engine's official mode keeps them in float32).
+    kv[:, 448:] = rng.standard_normal((200, 64)).astype(np.float32)
+    enc = codec.encode_rows(kv, "e4m3")
+    assert enc.modes == "q" * 7 + "f" and enc.nbytes == 200 * (7 * 65 + 256)
+    assert np.array_equal(bits(codec.decode_rows(enc)), bits(kv))
+    idx = quant.fp4_roundtrip_np(rng.standard_normal((200, 128)).astype(np.float32))
+    enc = codec.encode_rows(idx, "e2m1")
+    assert enc.modes == "qqqq" and enc.nbytes == 200 * 68
+    assert np.array_equal(bits(codec.decode_rows(enc)), bits(idx))
+
+
+def test_stray_blocks_become_exceptions_and_special_values_survive():
+    rng = np.random.default_rng(1)
+    x = quant.fp8_roundtrip_np(rng.standard_normal((64, 256)).astype(np.float32))
+    x[3, 5] = np.float32(1.0000001)  # not FP8
+    x[7, 70] = np.nan
+    x[9, 130] = -np.inf
+    x[11, :64] = -0.0
+    x[12, 64:128] = np.float32(1e-42)  # float32 subnormal
+    enc = codec.encode_rows(x, "e4m3")
+    assert enc.modes == "qqqq"
+    assert len(enc.parts["x_idx"]) == 4  # the zero block is exact FP8
+    assert np.array_equal(bits(codec.decode_rows(enc)), bits(x))
+
+
+def test_non_multiple_width_and_empty_arrays():
+    rng = np.random.default_rng(2)
+    x = quant.fp8_roundtrip_np(rng.standard_normal((5, 128)).astype(np.float32))
+    x = np.concatenate([x, rng.standard_normal((5, 20)).astype(np.float32)], axis=1)
+    enc = codec.encode_rows(x, "e4m3")
+    assert enc.modes == "qq" and enc.parts["tail"].shape == (5, 20)
+    assert np.array_equal(bits(codec.decode_rows(enc)), bits(x))
+    empty = np.zeros((0, 512), np.float32)
+    assert codec.decode_rows(codec.encode_rows(empty, "e4m3")).shape == (0, 512)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(np.uint32, st.tuples(st.integers(0, 6), st.sampled_from([32, 64, 96, 130]))),
+    st.sampled_from(["e4m3", "e2m1", "f32"]),
+)
+def test_any_float32_bits_round_trip(raw_bits, fmt):
+    x = raw_bits.view(np.float32)
+    out = codec.decode_rows(codec.encode_rows(x, fmt))
+    assert np.array_equal(bits(out), raw_bits)
+
+
+def test_nibble_packing():
+    codes = np.arange(32, dtype=np.uint8).reshape(2, 16) % 16
+    packed = codec.pack_nibbles(codes)
+    assert packed.shape == (2, 8) and packed[0, 0] == 0x10
+    assert np.array_equal(codec.unpack_nibbles(packed), codes)
+
+
+def test_runs_codec():
+    rng = np.random.default_rng(3)
+    kv = np.zeros((128, 512), np.float32)
+    gate = np.full((128, 512), -np.inf, np.float32)
+    kv[:10] = rng.standard_normal((10, 512))
+    gate[:10] = rng.standard_normal((10, 512))
+    for a in (kv, gate):
+        parts = codec.encode_runs(a)
+        assert parts is not None
+        assert parts["lit"].nbytes + parts["runs"].nbytes < a.nbytes / 10
+        back = codec.decode_runs(parts, a.size).view(np.float32).reshape(a.shape)
+        assert np.array_equal(bits(back), bits(a))
+    assert codec.encode_runs(rng.standard_normal((128, 512)).astype(np.float32)) is None
+    nz = np.zeros(1000, np.float32)
+    nz[500:] = -0.0  # signed zeros are different bit patterns
+    back = codec.decode_runs(codec.encode_runs(nz), nz.size).view(np.float32)
+    assert np.array_equal(bits(back), bits(nz))
