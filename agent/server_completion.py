@@ -58,6 +58,11 @@ class CompletionParser:
         self._args: ArgsJson | None = None
         self._in_param = False
 
+    @property
+    def in_structure(self) -> bool:
+        """Inside the tool-call block but not inside a parameter value."""
+        return self.mode == "calls" and not self._in_param
+
     def feed(self, text: str) -> list[Event]:
         self.buf += text
         out: list[Event] = []

@@ -29,7 +29,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    min_p: float = 0.0
+    min_p: float | None = None
     seed: int | None = None
 
 
@@ -190,7 +190,7 @@ def from_openai(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
+            min_p=req.min_p,
             seed=req.seed,
         ),
         stops=_stops(req.stop, "stop"),

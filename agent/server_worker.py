@@ -13,6 +13,7 @@ Events go back to the asyncio side through `loop.call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import secrets
@@ -36,6 +37,7 @@ from ds4_agent.agent.server_events import (
     Usage,
 )
 from ds4_agent.agent.server_replay import ReplayMap, ReplayRecord
+from ds4_agent.engine.generate import Cancelled
 
 log = logging.getLogger("ds4_agent.server")
 
@@ -67,11 +69,10 @@ SamplerFactory = Callable[[Sampling], Any]
 def default_sampler_factory(s: Sampling) -> Any:
     from ds4_agent.engine.sampling import Sampler, SamplerConfig
 
-    return Sampler(
-        SamplerConfig(
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=s.seed
-        )
-    )
+    knobs = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed}
+    if s.min_p is not None:  # otherwise the engine's default (0.05, as ds4 and the model card)
+        knobs["min_p"] = s.min_p
+    return Sampler(SamplerConfig(**knobs))
 
 
 class Worker:
@@ -96,6 +97,10 @@ class Worker:
         self._thread = threading.Thread(target=self._main, name="ds4-inference", daemon=True)
         self.busy = False
         self.completed = 0
+        self.cancelled = 0
+        self.prefill_chunk = PREFILL_CHUNK
+        # Called from the worker thread after each prefill chunk: (job, done, total).
+        self.on_prefill_progress: Callable[[Job, int, int], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -120,6 +125,7 @@ class Worker:
             if job is None:
                 return
             if job.cancel.is_set() or self._stopping.is_set():
+                self.cancelled += 1
                 job.emit(Done("cancelled"))
                 continue
             self.busy = True
@@ -169,8 +175,15 @@ class Worker:
             if cut <= done:
                 continue
             ids = plan.suffix_ids[done - plan.cached_tokens : cut - plan.cached_tokens]
-            self.engine.prefill(state, ids, chunk_size=PREFILL_CHUNK, should_stop=stop)
+            # On cancel the engine raises between chunks; the state then holds the chunks
+            # that completed, which is still a valid prefix.
+            progress = self._progress_for(job, state, total)
+            with contextlib.suppress(Cancelled):
+                self.engine.prefill(
+                    state, ids, chunk_size=self.prefill_chunk, progress=progress, should_stop=stop
+                )
             if stop() or state.n_tokens != cut:
+                self.cancelled += 1
                 job.emit(Done("cancelled", Usage(total, plan.cached_tokens, 0)))
                 return
             done = cut
@@ -184,6 +197,12 @@ class Worker:
                 time.monotonic() - t0,
             )
         self._generate(job, state, plan.cached_tokens, total, max_tokens, stop)
+
+    def _progress_for(self, job: Job, state: Any, total: int) -> Callable[[int, int], None] | None:
+        hook = self.on_prefill_progress
+        if hook is None:
+            return None
+        return lambda _done, _n: hook(job, state.n_tokens, total)
 
     def _generate(
         self,
@@ -222,7 +241,14 @@ class Worker:
             return False
 
         for tid in self.engine.generate(
-            state, sampler, max_tokens, stop_ids=[self.eos_id], should_stop=stop
+            state,
+            sampler,
+            max_tokens,
+            stop_ids=[self.eos_id],
+            should_stop=stop,
+            # DSML structure (tags, parameter headers) is sampled greedily, payloads normally:
+            # a structural slip costs the whole call, a payload choice does not (as ds4-server).
+            greedy_when=lambda _state: parser.in_structure,
         ):
             n += 1
             if tid == self.eos_id:
@@ -238,6 +264,8 @@ class Worker:
                 break
         if finish is None:
             finish = "cancelled" if stop() else ("length" if n >= max_tokens else "stop")
+        if finish == "cancelled":
+            self.cancelled += 1
         if finish != "tool_calls" or not parser.calls_done:
             tail = decode.flush()
             if tail:
