@@ -426,7 +426,7 @@ class GGUFSource:
         mapper = self._exact_mapper(t, target)
         n = t.shape[0] if t.is_expert_stack else None
         rows = t.shape[1:] if n is not None else t.shape
-        parts: list[gq.AffineArrays] = []
+        out: gq.AffineArrays | None = None
         err = gq.ErrorStats()
         exact = True
         method = ""
@@ -443,18 +443,23 @@ class GGUFSource:
                 arr = _cast_scales(arr, target.scale_dtype)
                 if measure:
                     err.add(ref, gq.affine_dequantize(arr))
+                del ref
                 exact, method = False, "requantize"
-            parts.append(arr)
-        if n is None:
-            out = parts[0]
-        else:
-            out = gq.AffineArrays(
-                np.stack([p.weight for p in parts]),
-                np.stack([p.scales for p in parts]),
-                np.stack([p.biases for p in parts]),
-                parts[0].bits,
-                parts[0].group_size,
-            )
+            if e is None:
+                out = arr
+                break
+            if out is None:
+                # Expert stacks are filled in place: memory is one packed stack plus one
+                # float32 expert matrix, never a list of parts plus their stacked copy.
+                out = gq.AffineArrays(
+                    np.empty((n, *arr.weight.shape), arr.weight.dtype),
+                    np.empty((n, *arr.scales.shape), arr.scales.dtype),
+                    np.empty((n, *arr.biases.shape), arr.biases.dtype),
+                    arr.bits,
+                    arr.group_size,
+                )
+            out.weight[e], out.scales[e], out.biases[e] = arr.weight, arr.scales, arr.biases
+        assert out is not None
         return ConvertedTensor(name, target, affine=out, exact=exact, error=err, method=method)
 
     # -- internals --------------------------------------------------------------------
