@@ -235,6 +235,14 @@ class ToolCall:
     arguments: dict[str, Any]
     kind: str = "other"
     path_param: str | None = None
+    paths: tuple[str, ...] = ()  # for tools that touch several files (apply_patch)
+
+    def all_paths(self) -> list[str]:
+        out = list(self.paths)
+        raw = self.arguments.get(self.path_param) if self.path_param else None
+        if isinstance(raw, str) and raw.strip():
+            out.append(raw)
+        return out
 
 
 @dataclass
@@ -330,14 +338,24 @@ class PermissionPolicy:
             "ask", f"{call.name} needs approval in {self.mode} mode", suggestions=[call.name]
         )
 
-    def _target_path(self, call: ToolCall) -> Path:
-        raw = call.arguments.get(call.path_param or "", None) if call.path_param else None
-        raw = raw if isinstance(raw, str) and raw.strip() else "."
+    def _resolve(self, raw: str) -> Path:
         p = os.path.expanduser(raw)
         return Path(os.path.realpath(p if os.path.isabs(p) else os.path.join(self.root, p)))
 
     def _check_path_tool(self, call: ToolCall) -> PermissionDecision:
-        path = self._target_path(call)
+        raws = call.all_paths() or ["."]
+        decisions = [self._check_one_path(call, self._resolve(r)) for r in raws]
+        # Every file must pass: a deny anywhere denies, an ask anywhere asks.
+        for behavior in ("deny", "ask"):
+            hit = [d for d in decisions if d.behavior == behavior]
+            if hit:
+                suggestions = [s for d in hit for s in d.suggestions]
+                return PermissionDecision(
+                    behavior, hit[0].reason, hit[0].rule, list(dict.fromkeys(suggestions))
+                )
+        return decisions[0]
+
+    def _check_one_path(self, call: ToolCall, path: Path) -> PermissionDecision:
         shown = _display(path, self.root)
         on_path = lambda r: r.matches_path(path, self.root)  # noqa: E731
         if r := self._first(self.deny, call, on_path):

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from . import bash, edit, files, gittools, search
+from . import bash, edit, files, gittools, patch, search
 from .context import Limits, ToolContext, ToolEnv
 from .jobs import JobManager
 from .journal import UndoJournal
@@ -45,6 +45,7 @@ IMPLEMENTATIONS: dict[str, tuple[type[BaseModel], ToolFn]] = {
     "git_log": (gittools.GitLogArgs, gittools.tool_git_log),
     "git_show": (gittools.GitShowArgs, gittools.tool_git_show),
     "git_commit": (gittools.GitCommitArgs, gittools.tool_git_commit),
+    "apply_patch": (patch.ApplyPatchArgs, patch.tool_apply_patch),
 }
 
 KINDS = {"read", "edit", "shell", "shell_control", "git_read", "git_write", "info"}
@@ -99,7 +100,10 @@ def parse_specs(data: dict[str, Any], enabled: Iterable[str] | None = None) -> l
         if name in seen:
             raise ValueError(f"{where}: duplicate tool name")
         seen.add(name)
-        if not t.get("enabled", True) or (wanted is not None and name not in wanted):
+        # An explicit selection overrides the data file's "enabled" flag.
+        if (wanted is None and not t.get("enabled", True)) or (
+            wanted is not None and name not in wanted
+        ):
             continue
         specs.append(
             ToolSpec(
@@ -179,8 +183,16 @@ class ToolRegistry:
 
     def tool_call(self, name: str, arguments: dict[str, Any]) -> ToolCall:
         spec = self._specs.get(name)
-        kind = spec.kind if spec else "other"
-        return ToolCall(name, dict(arguments), kind, spec.path_param if spec else None)
+        if spec is None:
+            return ToolCall(name, dict(arguments), "other", None)
+        return self._make_call(spec, dict(arguments))
+
+    def _make_call(self, spec: ToolSpec, arguments: dict[str, Any]) -> ToolCall:
+        paths: tuple[str, ...] = ()
+        if spec.impl == "apply_patch":
+            # One call, many files: each one is checked against the sandbox and the rules.
+            paths = tuple(patch.patch_paths(str(arguments.get("patch", ""))))
+        return ToolCall(spec.name, arguments, spec.kind, spec.path_param, paths)
 
     def check(self, name: str, arguments: dict[str, Any]) -> PermissionDecision:
         return self.policy.check(self.tool_call(name, arguments))
@@ -197,13 +209,10 @@ class ToolRegistry:
         args, err = self._parse_args(spec, arguments)
         if err is not None:
             return err
-        call = ToolCall(
-            name, args.model_dump(by_alias=True, exclude_none=True), spec.kind, spec.path_param
-        )
+        call = self._make_call(spec, args.model_dump(by_alias=True, exclude_none=True))
         # The sandbox answers before the user is asked: approving a path the tool will refuse
         # anyway would only waste the user's attention.
-        raw_path = call.arguments.get(spec.path_param) if spec.path_param else None
-        if isinstance(raw_path, str) and raw_path.strip():
+        for raw_path in call.all_paths():
             try:
                 self.workspace.resolve(raw_path, for_write=spec.kind == "edit")
             except ToolError as e:
