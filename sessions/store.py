@@ -222,40 +222,41 @@ class SnapshotStore:
         nseg = t // s
         hasher = _prefix_hasher(fp, ex.numerics, s)
         seg_refs: list[SegmentRef] = []
-        new_bytes = 0
-        written_dirs: set[Path] = set()
-        pending: list[tuple[Path, list]] = []
-        for k in range(nseg):
-            hasher.update(tokens[k * s : (k + 1) * s])
-            phash = hasher.hexdigest()
-            rows = [_seg_rows(le, k * s, (k + 1) * s) for le in ex.layers]
-            chash = _content_hash(rows)
-            name = f"{phash[:32]}-{chash[:16]}"
-            path = self._seg_path(name)
-            if path.exists():
-                nbytes = path.stat().st_size
-            else:
-                chunks = _encode_segment(rows, ex, fp, s, k, phash, chash, kv_fmt, idx_fmt)
-                nbytes = sum(len(memoryview(c).cast("B")) for c in chunks)
-                pending.append((path, chunks))
-                new_bytes += nbytes
-            seg_refs.append(SegmentRef(name=name, start=k * s, end=(k + 1) * s, nbytes=nbytes))
-
-        snap_chunks = _encode_snapshot(ex, fp, sid, s, seg_refs, kv_fmt, idx_fmt)
-        snap_bytes = sum(len(memoryview(c).cast("B")) for c in snap_chunks)
-        if self.budget_bytes is not None:
-            need = snap_bytes + sum(r.nbytes for r in seg_refs)
-            if need > self.budget_bytes:
-                raise SnapshotBudgetError(
-                    f"this {t}-token snapshot needs {need / 2**20:.1f} MiB, more than the whole "
-                    f"disk budget of {self.budget_bytes / 2**20:.1f} MiB; raise --kv-disk-space-mb"
-                )
-        for path, chunks in pending:
-            write_atomic(path, chunks, sync_dir=False)
-            written_dirs.add(path.parent)
-        for d in sorted(written_dirs):  # segments durable before the file that names them
+        written: list[Path] = []
+        try:
+            for k in range(nseg):
+                hasher.update(tokens[k * s : (k + 1) * s])
+                phash = hasher.hexdigest()
+                rows = [_seg_rows(le, k * s, (k + 1) * s) for le in ex.layers]
+                chash = _content_hash(rows)
+                name = f"{phash[:32]}-{chash[:16]}"
+                path = self._seg_path(name)
+                if path.exists():
+                    nbytes = path.stat().st_size
+                else:  # encode and write one at a time: memory stays at one segment
+                    chunks = _encode_segment(rows, ex, fp, s, k, phash, chash, kv_fmt, idx_fmt)
+                    nbytes = write_atomic(path, chunks, sync_dir=False)
+                    written.append(path)
+                seg_refs.append(SegmentRef(name=name, start=k * s, end=(k + 1) * s, nbytes=nbytes))
+            snap_chunks = _encode_snapshot(ex, fp, sid, s, seg_refs, kv_fmt, idx_fmt)
+            snap_bytes = sum(len(memoryview(c).cast("B")) for c in snap_chunks)
+            if self.budget_bytes is not None:
+                need = snap_bytes + sum(r.nbytes for r in seg_refs)
+                if need > self.budget_bytes:
+                    raise SnapshotBudgetError(
+                        f"this {t}-token snapshot needs {need / 2**20:.1f} MiB, more than the "
+                        f"whole disk budget of {self.budget_bytes / 2**20:.1f} MiB; "
+                        "raise --kv-disk-space-mb"
+                    )
+        except BaseException:
+            for path in written:  # nothing refers to them yet
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
+        # Segments become durable before the snapshot file that names them.
+        for d in sorted({p.parent for p in written}):
             fsync_dir(d)
-        if written_dirs:
+        if written:
             fsync_dir(self.seg_dir)
         write_atomic(self._snap_path(sid), snap_chunks)
 
