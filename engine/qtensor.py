@@ -38,6 +38,7 @@ class QuantizedTensor:
             group_size=self.group_size,
             bits=self.bits,
             mode=self.mode,
+            dtype=dtype,  # default output = scales dtype: fp16 scales would round the weights
         )
         return w.astype(dtype)
 
