@@ -46,6 +46,11 @@ class AppConfig:
     keepalive_s: float = 10.0
     default_thinking: bool = True
     aliases: list[str] = field(default_factory=list)
+    ctx: int = 0
+
+
+# The model card reserves think-max for contexts of at least 384K tokens (ds4 does the same).
+THINK_MAX_MIN_CTX = 393_216
 
 
 def _dialect(request: Request) -> Dialect:
@@ -131,6 +136,8 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
         return _model_card(model_id)
 
     async def submit(request: Request, gen: GenRequest, prefix: str) -> tuple[Job, Event]:
+        if gen.reasoning_effort == "max" and config.ctx < THINK_MAX_MIN_CTX:
+            gen.reasoning_effort = "high"
         prompt = await asyncio.to_thread(render_prompt, gen, replay)
         job = Job(gen, prompt, asyncio.get_running_loop(), asyncio.Queue(), id_prefix=prefix)
         worker.submit(job)

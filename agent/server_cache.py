@@ -208,7 +208,7 @@ class PromptCache:
 
     # -- lookup ---------------------------------------------------------------------------
 
-    def plan(self, prompt: str) -> Plan:
+    def plan(self, prompt: str, turn_snapshot: bool = True) -> Plan:
         pb = prompt.encode("utf-8")
         live = self.live_bytes()
         if self._live_n and pb.startswith(live):
@@ -216,7 +216,9 @@ class PromptCache:
             if suffix is not None:
                 self.stats["live_hits"] += 1
                 ids = self.tok.encode_trusted(suffix) if suffix else []
-                return Plan(self._live_n, ids, self._checkpoints(pb, self._live_n, ids, False))
+                return Plan(
+                    self._live_n, ids, self._checkpoints(self._live_n, ids, False, turn_snapshot)
+                )
         hit = self.index.longest(pb) if self.backend is not None else None
         if hit is not None and hit.n_tokens > 0:
             suffix = _decode_suffix(pb, hit.n_bytes)
@@ -228,16 +230,20 @@ class PromptCache:
                 if self.live_bytes() == pb[: hit.n_bytes]:
                     self.stats["disk_hits"] += 1
                     ids = self.tok.encode_trusted(suffix) if suffix else []
-                    return Plan(hit.n_tokens, ids, self._checkpoints(pb, hit.n_tokens, ids, False))
+                    return Plan(
+                        hit.n_tokens,
+                        ids,
+                        self._checkpoints(hit.n_tokens, ids, False, turn_snapshot),
+                    )
                 log.warning("snapshot %s does not hold the text its index claims; dropped", hit.key)
             self.index.discard(hit.key)
         self.stats["misses"] += 1
         self.save_live("evict")
         self.reset()
         ids = self.tok.encode_trusted(prompt)
-        return Plan(0, ids, self._checkpoints(pb, 0, ids, True))
+        return Plan(0, ids, self._checkpoints(0, ids, True, turn_snapshot))
 
-    def _checkpoints(self, pb: bytes, cached: int, ids: list[int], cold: bool) -> list[int]:
+    def _checkpoints(self, cached: int, ids: list[int], cold: bool, turn: bool) -> list[int]:
         if self.backend is None:
             return []
         p = self.policy
@@ -252,7 +258,7 @@ class PromptCache:
             if anchor < p.min_snapshot_tokens:
                 anchor = (total - 32) // 2048 * 2048
             points.add(anchor)
-        if p.turn_snapshots:
+        if turn and p.turn_snapshots:
             last_asst = max((i for i, t in enumerate(ids) if t == self.assistant_id), default=None)
             if last_asst is not None:
                 points.add(cached + last_asst + 1)

@@ -42,6 +42,27 @@ class GenRequest:
     sampling: Sampling
     stops: list[str] = field(default_factory=list)
     tool_names: list[str] = field(default_factory=list)
+    # The last message is a partial assistant turn that the model continues (rendered
+    # without EOS); the completion then starts as visible text, not reasoning.
+    continues_assistant: bool = False
+
+    @property
+    def has_tools(self) -> bool:
+        return any(m.get("tools") for m in self.messages)
+
+
+def _finish(gen: GenRequest) -> GenRequest:
+    last = gen.messages[-1] if gen.messages else None
+    if last is not None and last["role"] == "assistant":
+        if last.get("tool_calls"):
+            raise ApiError(
+                400,
+                "the last message is an assistant tool call; send the tool results after it",
+                param="messages",
+            )
+        last["wo_eos"] = True
+        gen.continues_assistant = True
+    return gen
 
 
 def _dumps(value: Any) -> str:
@@ -181,7 +202,7 @@ def from_openai(
     _attach_tools(msgs, tools)
 
     mode, effort = _openai_thinking(req, default_thinking)
-    return GenRequest(
+    gen = GenRequest(
         messages=msgs,
         thinking_mode=mode,
         reasoning_effort=effort,
@@ -196,6 +217,7 @@ def from_openai(
         stops=_stops(req.stop, "stop"),
         tool_names=[n for n in names if any(t["function"].get("name") == n for t in tools)],
     )
+    return _finish(gen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +341,7 @@ def from_anthropic(req: MessagesRequest, raw: dict[str, Any]) -> GenRequest:
     _attach_tools(msgs, tools)
 
     thinking = req.thinking is not None and req.thinking.type in ("enabled", "adaptive")
-    return GenRequest(
+    gen = GenRequest(
         messages=msgs,
         thinking_mode="thinking" if thinking else "chat",
         reasoning_effort=None,
@@ -332,3 +354,4 @@ def from_anthropic(req: MessagesRequest, raw: dict[str, Any]) -> GenRequest:
         stops=_stops(req.stop_sequences, "stop_sequences"),
         tool_names=[t["function"]["name"] for t in tools],
     )
+    return _finish(gen)

@@ -90,6 +90,7 @@ def build_server(
         default_thinking=default_thinking,
         keepalive_s=keepalive_s,
         aliases=list(aliases or []),
+        ctx=ctx,
     )
     if max_body_bytes is not None:
         config.max_body_bytes = max_body_bytes

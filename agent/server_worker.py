@@ -150,7 +150,12 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         stop = lambda: job.cancel.is_set() or self._stopping.is_set()  # noqa: E731
-        plan = self.cache.plan(job.prompt)
+        # Thinking without tools: the encoder drops this turn's reasoning next time, so the
+        # next prompt diverges right after this prompt's <｜Assistant｜> (see server_cache).
+        gen = job.gen
+        plan = self.cache.plan(
+            job.prompt, turn_snapshot=gen.thinking_mode == "thinking" and not gen.has_tools
+        )
         total = plan.prompt_tokens
         if total >= self.ctx:
             job.emit(
@@ -215,7 +220,8 @@ class Worker:
     ) -> None:
         gen = job.gen
         decode = self.cache.text.decoder()
-        parser = CompletionParser(gen.thinking_mode, lambda: job.id_prefix + secrets.token_hex(12))
+        mode = "chat" if gen.continues_assistant else gen.thinking_mode
+        parser = CompletionParser(mode, lambda: job.id_prefix + secrets.token_hex(12))
         stopper = StopMatcher(gen.stops)
         sampler = self.sampler_factory(gen.sampling)
         completion: list[str] = []
@@ -278,7 +284,7 @@ class Worker:
             job.emit(TextDelta(rest))
         if parser.calls and finish in ("stop", "length") and parser.calls_done:
             finish = "tool_calls"
-        if parser.calls_done and calls:
+        if parser.calls_done and calls and not gen.continues_assistant:
             self._remember(gen.thinking_mode, "".join(completion), "".join(visible), calls)
         usage = Usage(total, cached, n)
         job.emit(Done(finish, usage, stopper.matched))

@@ -291,6 +291,26 @@ def test_thinking_turns_reuse_the_turn_snapshot(
     assert r2.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens - 1
 
 
+def test_assistant_prefix_is_continued(tokenizer_json: Path, scripts: Scripts) -> None:
+    scripts.push_text(" world")
+    with start_server(tokenizer_json, None, scripts) as srv:
+        h = httpx.Client(base_url=srv.url, timeout=60)
+        r = h.post(
+            "/v1/messages/count_tokens",
+            json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert r.status_code == 200 and r.json()["input_tokens"] > 2
+        msg = _anth(srv.url).messages.create(
+            model=MODEL_NAME,
+            max_tokens=10,
+            messages=[
+                {"role": "user", "content": "Say hello world"},
+                {"role": "assistant", "content": "Hello"},
+            ],
+        )
+        assert msg.content[0].text == " world"
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 
