@@ -31,14 +31,20 @@ class QuantizedTensor:
         return (*lead, packed * 32 // self.bits)
 
     def dequantize(self, dtype: mx.Dtype = mx.float32) -> mx.array:
+        scales, biases = self.scales, self.biases
+        if self.mode == "affine" and dtype == mx.float32:
+            # mx.dequantize computes in the scales' dtype: fp16/bf16 scales would round the
+            # weights, while quantized_matmul accumulates s·q + b in float32.
+            scales = scales.astype(mx.float32)
+            biases = None if biases is None else biases.astype(mx.float32)
         w = mx.dequantize(
             self.weight,
-            self.scales,
-            self.biases,
+            scales,
+            biases,
             group_size=self.group_size,
             bits=self.bits,
             mode=self.mode,
-            dtype=dtype,  # default output = scales dtype: fp16 scales would round the weights
+            dtype=dtype,
         )
         return w.astype(dtype)
 
