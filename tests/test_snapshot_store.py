@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -234,3 +235,26 @@ def test_delete_keeps_shared_segments(tmp_path):
     assert exports_equal(store.load(a, FP), synth_export(CFG, ids[:300])) is None
     with pytest.raises(SnapshotNotFoundError):
         store.load(b, FP)
+
+
+def test_gc_command_reports_what_it_removed(tmp_path, capsys):
+    import argparse
+
+    from ds4_agent.sessions.store_cli import register_gc
+
+    store = SnapshotStore(tmp_path, segment_tokens=128)
+    keep = store.save(synth_export(CFG, toks(300, seed=1)), FP, pin="named")
+    drop = store.save(synth_export(CFG, toks(900, seed=2)), FP)
+    (store.snap_dir / ".leftover.snap.123.abc.tmp").write_bytes(b"x" * 10)
+    parser = argparse.ArgumentParser()
+    register_gc(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["gc", "--dir", str(tmp_path), "--kv-disk-space-mb", "0"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert f"removed snapshot {drop.id[:12]}" in out and "(over budget)" in out
+    assert "1 temp files" in out and "still over budget" in out
+    assert [r.id for r in store.list()] == [keep.id]
+    args = parser.parse_args(["gc", "--dir", str(tmp_path), "--format", "json", "--verify"])
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["removed"] == [] and report["budget_bytes"] is None
