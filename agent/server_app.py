@@ -25,6 +25,12 @@ from ds4_agent.agent.server_openai import KEEPALIVE as OAI_KEEPALIVE
 from ds4_agent.agent.server_openai import OpenAIResponse
 from ds4_agent.agent.server_render import render_prompt
 from ds4_agent.agent.server_replay import ReplayMap
+from ds4_agent.agent.server_responses import KEEPALIVE as RESP_KEEPALIVE
+from ds4_agent.agent.server_responses import (
+    ResponsesRequest,
+    ResponsesResponse,
+    from_responses,
+)
 from ds4_agent.agent.server_schemas import ChatCompletionRequest, MessagesRequest
 from ds4_agent.agent.server_worker import Job, Worker
 from fastapi import FastAPI, Request
@@ -245,6 +251,42 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
                         yield ev
                     elif isinstance(ev, Failed):
                         yield _stream_error(ev, anthropic=True)
+                        return
+                    else:
+                        for frame in out.on(ev):
+                            yield frame
+            finally:
+                job.cancel.set()
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        raw = await _read_json(request, config.max_body_bytes)
+        try:
+            req = ResponsesRequest.model_validate(raw)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        check_model(req.model, "openai")
+        gen = from_responses(req, config.default_thinking)
+        job, first = await submit(request, gen, "call_")
+        out = ResponsesResponse(req.model)
+        if isinstance(first, Done):
+            out.on(first)
+            return JSONResponse(out.body())
+        if not req.stream:
+            await collect(request, job, out)
+            return JSONResponse(out.body())
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                for frame in out.start():
+                    yield frame
+                async for ev in events(job, RESP_KEEPALIVE):
+                    if isinstance(ev, bytes):
+                        yield ev
+                    elif isinstance(ev, Failed):
+                        yield _stream_error(ev)
                         return
                     else:
                         for frame in out.on(ev):

@@ -108,7 +108,6 @@ def _stops(value: str | list[str] | None, param: str) -> list[str]:
 
 def _openai_thinking(req: ChatCompletionRequest, default_thinking: bool) -> tuple[str, str | None]:
     thinking = default_thinking
-    effort: str | None = None
     if req.thinking is not None:
         thinking = req.thinking.type != "disabled"
     kwargs = req.chat_template_kwargs or {}
@@ -121,22 +120,25 @@ def _openai_thinking(req: ChatCompletionRequest, default_thinking: bool) -> tupl
                     param=f"chat_template_kwargs.{key}",
                 )
             thinking = kwargs[key]
-    if req.reasoning_effort is not None:
-        e = req.reasoning_effort.lower()
-        if e in ("none", "minimal"):
-            thinking = False
-        elif e in ("low", "medium", "high"):
-            # The V4 encoder adds nothing below "max"; pass "high" through as the encoder does.
-            effort = "high" if e == "high" else None
-        elif e in ("max", "xhigh"):
-            effort = "max"
-        else:
-            raise ApiError(
-                400,
-                f"unknown reasoning_effort '{req.reasoning_effort}'; use none, low, medium, high or max",
-                param="reasoning_effort",
-            )
-    return ("thinking" if thinking else "chat"), (effort if thinking else None)
+    thinking, effort = openai_effort(req.reasoning_effort, thinking, "reasoning_effort")
+    return ("thinking" if thinking else "chat"), effort
+
+
+def openai_effort(value: str | None, thinking: bool, param: str) -> tuple[bool, str | None]:
+    """OpenAI effort names -> (thinking on?, the encoder's reasoning_effort)."""
+    if value is None:
+        return thinking, None
+    e = value.lower()
+    if e in ("none", "minimal"):
+        return False, None
+    if e in ("low", "medium", "high"):
+        # The V4 encoder adds nothing below "max"; "high" is passed through as it is.
+        return True, ("high" if e == "high" else None)
+    if e in ("max", "xhigh"):
+        return True, "max"
+    raise ApiError(
+        400, f"unknown {param} '{value}'; use none, low, medium, high or max", param=param
+    )
 
 
 def from_openai(

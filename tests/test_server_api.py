@@ -244,6 +244,45 @@ def test_anthropic_messages_stream_and_tool_round_trip(
         assert prev - 1 <= second.usage.cache_read_input_tokens <= prev
 
 
+def test_responses_api_tool_round_trip(tokenizer_json: Path, scripts: Scripts) -> None:
+    """What Codex CLI speaks: input items, function_call / function_call_output, SSE events."""
+    call = dsml_call("read_file", [("path", "d.py", True)])
+    tools = [{"type": "function", **TOOLS[0]["function"]}]
+    scripts.push_text("Look first.", THINK_END, call, eos=False)
+    with start_server(tokenizer_json, None, scripts) as srv:
+        c = _oai(srv.url)
+        items: list = [{"role": "user", "content": [{"type": "input_text", "text": "Open d.py"}]}]
+        with c.responses.stream(
+            model=MODEL_NAME, instructions="Be brief.", input=items, tools=tools
+        ) as stream:
+            types = [e.type for e in stream]
+            first = stream.get_final_response()
+        assert types[:2] == ["response.created", "response.in_progress"]
+        assert types[-1] == "response.completed"
+        assert "response.function_call_arguments.delta" in types
+        kinds = [o.type for o in first.output]
+        assert kinds == ["reasoning", "function_call"]
+        fc = first.output[1]
+        assert fc.name == "read_file" and json.loads(fc.arguments) == {"path": "d.py"}
+        prev = first.usage.input_tokens + first.usage.output_tokens
+
+        scripts.push_text("Seen.", THINK_END, "d.py is empty.")
+        items += [
+            {
+                "type": "function_call",
+                "call_id": fc.call_id,
+                "name": fc.name,
+                "arguments": fc.arguments,
+            },
+            {"type": "function_call_output", "call_id": fc.call_id, "output": "(empty)"},
+        ]
+        second = c.responses.create(
+            model=MODEL_NAME, instructions="Be brief.", input=items, tools=tools
+        )
+        assert second.output_text == "d.py is empty."
+        assert prev - 1 <= second.usage.input_tokens_details.cached_tokens <= prev
+
+
 def test_restart_restores_from_disk(tokenizer_json: Path, scripts: Scripts, tmp_path: Path) -> None:
     kv = tmp_path / "kv"
     call = dsml_call("read_file", [("path", "c.py", True), ("opts", '{"z":true}', False)])
