@@ -28,6 +28,7 @@ Exact mappings onto MLX affine quantization (w = scale·q̂ + bias per group):
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -139,8 +140,13 @@ def dequantize_q2_k(raw: np.ndarray) -> np.ndarray:
 # --- IQ2_XXS ---------------------------------------------------------------------------
 
 
-def _iq2xxs_tables() -> tuple[np.ndarray, np.ndarray]:
-    """(codebook float32 [256, 8], sign bits float32 [128, 8] of ±1) from the gguf package."""
+def _iq2xxs_table() -> np.ndarray:
+    """Signed codebook float32 [256 · 128, 8]: entry (g, s) = grid[g] · signs[s].
+
+    The codebook and sign table come from the gguf package. Folding the sign into the table
+    is exact (a sign flip), and (d·grid)·sign = d·(grid·sign) bit for bit, so one gather
+    replaces two.
+    """
     from gguf.quants import IQ2_XXS
 
     IQ2_XXS.init_grid()
@@ -148,17 +154,18 @@ def _iq2xxs_tables() -> tuple[np.ndarray, np.ndarray]:
     grid = np.asarray(IQ2_XXS.grid, dtype=np.float32).reshape(256, 8)
     ksigns = np.frombuffer(IQ2_XXS.ksigns, dtype=np.uint8)
     bits = (ksigns[:, None] >> np.arange(8, dtype=np.uint8)[None, :]) & 1
-    return grid, np.where(bits == 0, np.float32(1), np.float32(-1)).astype(np.float32)
+    signs = np.where(bits == 0, np.float32(1), np.float32(-1)).astype(np.float32)
+    return (grid[:, None, :] * signs[None, :, :]).reshape(256 * 128, 8)
 
 
-_IQ2XXS: tuple[np.ndarray, np.ndarray] | None = None
+_IQ2XXS: np.ndarray | None = None
 
 
 def dequantize_iq2_xxs(raw: np.ndarray) -> np.ndarray:
     global _IQ2XXS
     if _IQ2XXS is None:
-        _IQ2XXS = _iq2xxs_tables()
-    grid, signs = _IQ2XXS
+        _IQ2XXS = _iq2xxs_table()
+    table = _IQ2XXS
     b = _blocks(raw, "IQ2_XXS")
     n = b.shape[0]
     d = _f16(b[:, :2])
@@ -167,9 +174,9 @@ def dequantize_iq2_xxs(raw: np.ndarray) -> np.ndarray:
     db = (d * (np.float32(0.5) + (aux_sign >> 28).astype(np.float32)) * np.float32(0.25)).reshape(
         n, 8, 1, 1
     )
-    idx = np.ascontiguousarray(aux_idx).view(np.uint8).reshape(n, 8, 4)
+    idx = np.ascontiguousarray(aux_idx).view(np.uint8).reshape(n, 8, 4).astype(np.int32)
     sign_idx = (aux_sign[..., None] >> np.array([0, 7, 14, 21], dtype=np.uint32)) & 0x7F
-    values = db * grid[idx] * signs[sign_idx]
+    values = db * table[idx * 128 + sign_idx.astype(np.int32)]
     return values.reshape(-1)
 
 
@@ -205,18 +212,23 @@ def dequantize(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.ndarra
 def pack_affine(q: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned codes [..., n] (values < 2**bits) → MLX's packed uint32 [..., n·bits/32].
 
-    MLX stores element i of a word in bits [i·bits, (i+1)·bits), lowest first; only the
-    power-of-two widths are needed here (wider codes never straddle a word).
+    MLX stores element i of a word in bits [i·bits, (i+1)·bits), lowest first. For the
+    power-of-two widths that is the same as packing codes into bytes lowest-first and reading
+    the bytes as little-endian uint32, which is what this does (no per-element shifts).
     """
     if bits not in (2, 4, 8):
         raise ValueError(f"pack_affine supports 2, 4 and 8 bits, not {bits}")
-    per = 32 // bits
+    if sys.byteorder != "little":
+        raise RuntimeError("MLX's packed layout is little-endian")
+    per_byte = 8 // bits
     *lead, n = q.shape
-    if n % per:
-        raise ValueError(f"row length {n} is not a multiple of {per}")
-    g = q.astype(np.uint32).reshape(*lead, n // per, per)
-    shifts = (np.arange(per, dtype=np.uint32) * bits).reshape(*([1] * (len(lead) + 1)), per)
-    return np.bitwise_or.reduce(g << shifts, axis=-1).astype(np.uint32)
+    if n % (32 // bits):
+        raise ValueError(f"row length {n} is not a multiple of {32 // bits}")
+    codes = np.ascontiguousarray(q, dtype=np.uint8).reshape(*lead, n // per_byte, per_byte)
+    packed = codes[..., 0].copy()
+    for i in range(1, per_byte):
+        packed |= codes[..., i] << np.uint8(i * bits)
+    return packed.view(np.uint32)
 
 
 @dataclass

@@ -19,6 +19,7 @@ official checkpoint:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -263,6 +264,8 @@ class GGUFSource:
         from gguf import GGUFReader
 
         self.path = Path(path)
+        # Experts decoded concurrently; each in flight holds a few float32 expert matrices.
+        self.threads = max(1, min(4, os.cpu_count() or 1))
         if not self.path.is_file():
             raise GGUFSourceError(f"{self.path}: no such file")
         try:
@@ -430,27 +433,35 @@ class GGUFSource:
         err = gq.ErrorStats()
         exact = True
         method = ""
-        for e in range(n) if n is not None else [None]:
+
+        def decode(e: int | None) -> tuple[gq.AffineArrays | None, bool, str, np.ndarray | None]:
+            # Pure numpy (releases the GIL), so experts decode in parallel threads; the MLX
+            # calls (re-quantizer, error measurement) stay on the calling thread.
             raw = self.raw(name, e)
             if mapper is not None:
-                arr, exact_here, method = mapper(raw, rows)
-                if measure and not exact_here:
-                    err.add(gq.dequantize(raw, t.qtype, rows), gq.affine_dequantize(arr))
-                exact = exact and exact_here
-            else:
-                ref = gq.dequantize(raw, t.qtype, rows)
-                arr = quantizer(ref, target.bits, target.group_size)
-                arr = _cast_scales(arr, target.scale_dtype)
-                if measure:
-                    err.add(ref, gq.affine_dequantize(arr))
-                del ref
-                exact, method = False, "requantize"
+                arr, ex, how = mapper(raw, rows)
+                ref = gq.dequantize(raw, t.qtype, rows) if measure and not ex else None
+                return arr, ex, how, ref
+            return None, False, "requantize", gq.dequantize(raw, t.qtype, rows)
+
+        items = list(range(n)) if n is not None else [None]
+        for e, result in _ordered_map(decode, items, self.threads):
+            arr, exact_here, method, ref = result
+            if arr is None:
+                assert ref is not None
+                arr = _cast_scales(
+                    quantizer(ref, target.bits, target.group_size), target.scale_dtype
+                )
+            if ref is not None:
+                err.add(ref, gq.affine_dequantize(arr))
+            del ref
+            exact = exact and exact_here
             if e is None:
                 out = arr
                 break
             if out is None:
-                # Expert stacks are filled in place: memory is one packed stack plus one
-                # float32 expert matrix, never a list of parts plus their stacked copy.
+                # Expert stacks are filled in place: memory is one packed stack plus a few
+                # float32 expert matrices in flight, never a list of parts plus a stacked copy.
                 out = gq.AffineArrays(
                     np.empty((n, *arr.weight.shape), arr.weight.dtype),
                     np.empty((n, *arr.scales.shape), arr.scales.dtype),
@@ -535,6 +546,27 @@ def default_target(t: SourceTensor, tier: str, requant_group: int = REQUANT_GROU
             "(or use the official checkpoint for a lossless tier)"
         )
     return TargetSpec("affine", bits=bits, group_size=requant_group, scale_dtype="float16")
+
+
+def _ordered_map(fn: Callable[[Any], Any], items: list[Any], threads: int) -> Iterator[Any]:
+    """(item, fn(item)) in order, at most `threads` computed ahead (bounded memory)."""
+    if threads <= 1 or len(items) <= 1:
+        for it in items:
+            yield it, fn(it)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque[tuple[Any, Any]] = deque()
+        for it in items:
+            pending.append((it, pool.submit(fn, it)))
+            if len(pending) >= threads:
+                head, fut = pending.popleft()
+                yield head, fut.result()
+        while pending:
+            head, fut = pending.popleft()
+            yield head, fut.result()
 
 
 def _cast_scales(a: gq.AffineArrays, scale_dtype: str) -> gq.AffineArrays:
