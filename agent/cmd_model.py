@@ -257,8 +257,8 @@ def register(p: argparse.ArgumentParser) -> None:
         description=(
             "Download DeepSeek V4 Flash from the Hugging Face Hub, verify it, convert it into an "
             "MLX tier and install it. Rerun the same command to resume an interrupted download "
-            "or conversion. q2 and q4 come from antirez's ds4 GGUF files by default (half the "
-            "download of the official checkpoint); lossless needs --from official."
+            "or conversion. q2 and mtp come from antirez's ds4 GGUF files by default (about half "
+            "the download), q4 and lossless from the official checkpoint (exact FP4 experts)."
         ),
     )
     d.add_argument("what", choices=WHATS, help="q2 (128 GB Macs), q4 / lossless (256 GB+), mtp")
@@ -266,7 +266,7 @@ def register(p: argparse.ArgumentParser) -> None:
         "--from",
         dest="source",
         choices=("official", "gguf"),
-        help="official checkpoint or ds4's GGUF files (default: gguf, official for lossless)",
+        help="official checkpoint or ds4's GGUF files (default: gguf for q2/mtp, else official)",
     )
     d.add_argument("--dir", metavar="DIR", help="install here (default: the ds4-agent data dir)")
     d.add_argument("--name", help="registry name (default: flash-<what>)")

@@ -79,8 +79,14 @@ class DownloadPlan:
 
 
 def default_source(what: str) -> str:
-    """q2/q4/mtp come from ds4's GGUF files (half the download); lossless needs the official."""
-    return "official" if what == "lossless" else "gguf"
+    """Where each tier comes from unless --from says otherwise.
+
+    q2 and mtp: ds4's GGUF files (81 GiB instead of 149 GiB to download, imatrix-quantized,
+    89 GiB as MLX q2). q4 and lossless: the official checkpoint, whose FP4 experts become
+    mxfp4 exactly (149 GiB); ds4's q4 file is as big a download (153 GiB) and its Q4_K
+    experts need 5 bits per weight in MLX (≈ 170 GiB).
+    """
+    return "gguf" if what in ("q2", "mtp") else "official"
 
 
 def endpoint() -> str:

@@ -125,3 +125,54 @@ def planned_bytes(path: str | Path, tier: str, requant_group: int = REQUANT_GROU
     """Output size of a tier from this file (shapes only, nothing is read)."""
     plan, _ = gguf_plan(GGUFSource(path), tier, requant_group)
     return sum(t.nbytes for t in plan)
+
+
+# ds4's per-tensor ggml types (engine-spec §4.1); experts depend on the file.
+_DS4_FLOAT_TYPES = (
+    (".ffn.shared_experts.", "Q8_0"),
+    (".attn.wq_a.", "Q8_0"),
+    (".attn.wq_b.", "Q8_0"),
+    (".attn.wkv.", "Q8_0"),
+    (".attn.wo_a.", "Q8_0"),
+    (".attn.wo_b.", "Q8_0"),
+    ("head.weight", "Q8_0"),
+)
+
+
+def flash_gguf_sizes(variant: str, tier: str, requant_group: int = REQUANT_GROUP) -> dict[str, int]:
+    """Dry run for ds4's real Flash file: {"gguf": its tensor bytes, "mlx": the tier's bytes}.
+
+    Shapes come from the published Flash tensor list (no data read). The MTP block lives in a
+    separate GGUF file, so it is left out of both figures.
+    """
+    from ds4_agent.engine import convert as cv
+    from ds4_agent.engine.convert_sizes import flash_entries
+    from ds4_agent.engine.gguf_source import SourceTensor
+    from ds4_agent.engine.mlx_format import stored_bytes
+
+    gguf_bytes = mlx_bytes = 0
+    for t in cv.source_tensors(flash_entries()):
+        if t.name.startswith("mtp."):
+            continue
+        qtype = _flash_type(t, variant)
+        block, nbytes = gq.BLOCK_LAYOUT[qtype]
+        n = 1
+        for d in t.shape:
+            n *= d
+        gguf_bytes += n // block * nbytes
+        st = SourceTensor(t.name, "", t.shape, qtype, n // block * nbytes)
+        mlx_bytes += stored_bytes(t.shape, _fmt(default_target(st, tier, requant_group)))
+    return {"gguf": gguf_bytes, "mlx": mlx_bytes}
+
+
+def _flash_type(t: Any, variant: str) -> str:
+    if ".ffn.experts." in t.name:
+        if variant == "q4":
+            return "Q4_K"
+        return "Q2_K" if t.name.endswith("w2.weight") else "IQ2_XXS"
+    if t.kind == "int":
+        return "I32"
+    for key, qtype in _DS4_FLOAT_TYPES:
+        if key in t.name:
+            return qtype
+    return "F32" if len(t.shape) == 1 else "F16"

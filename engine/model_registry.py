@@ -77,8 +77,8 @@ def no_model_message() -> str:
     return (
         "No model is installed yet. To get one:\n"
         "  ds4-agent doctor                  # what this machine can run\n"
-        "  ds4-agent model download q2       # 128 GB Macs (≈ 90 GB on disk)\n"
-        "  ds4-agent model download q4       # 256 GB+ Macs (≈ 150 GB on disk)\n"
+        "  ds4-agent model download q2       # 128 GB Macs (≈ 89 GiB on disk)\n"
+        "  ds4-agent model download q4       # 256 GB+ Macs (≈ 149 GiB on disk)\n"
         "Or point at a converted model directory: ds4-agent --model DIR"
     )
 

@@ -129,3 +129,18 @@ def test_plan_uses_exact_maps_for_q8_and_q4k(files):
     assert labels["layers.3.ffn.experts.w1.weight"] == "affine4-g32"
     assert targets["layers.3.ffn.experts.w1.weight"].scale_dtype == "float32"
     assert labels["embed.weight"] == "float16"
+
+
+def test_dry_run_on_the_real_flash_shapes_matches_ds4_files_and_the_q2_target():
+    from ds4_agent.engine.gguf_convert import flash_gguf_sizes
+
+    gib = 1 << 30
+    q2 = flash_gguf_sizes("q2", "q2")
+    q4 = flash_gguf_sizes("q4", "q4")
+    # ds4's published files: q2 80.76 GiB, q4 153.3 GiB (the type table is right).
+    assert abs(q2["gguf"] / gib - 80.76) < 0.05
+    assert abs(q4["gguf"] / gib - 153.3) < 0.1
+    assert q2["mlx"] <= 92 * gib  # issue target for q2
+    # Q4_K needs 5 bits/weight as fp16-scaled MLX affine: over the q4 target, which is why
+    # q4 downloads default to the official checkpoint (mxfp4, exact).
+    assert q4["mlx"] > 150 * gib
