@@ -209,10 +209,10 @@ class Engine:
             raise ValueError("this checkpoint has no MTP block (mtp.0.* tensors)")
         if state.last_streams is None:
             raise ValueError("mtp_draft needs a prefilled state")
-        mtp = getattr(state, "mtp_layer", None)
-        if mtp is None:
-            mtp = new_layer_state(self.config, 0)
-            state.mtp_layer = mtp  # type: ignore[attr-defined]
+        if state.mtp_layer is None:
+            state.mtp_layer = new_layer_state(self.config, 0)
+            state.mtp_layer.raw_pos = np.full(self.config.sliding_window, -1, dtype=np.int64)
+        mtp = state.mtp_layer
         logits, _ = self.model.mtp_step(state.last_streams, int(token_id), state.n_tokens, mtp)
         mx.eval(logits, mtp.raw)
         return logits

@@ -201,6 +201,8 @@ class Model:
             "main": mx.array(cfg.rope_inv_freq(False), dtype=mx.float32),
             "compress": mx.array(cfg.rope_inv_freq(True), dtype=mx.float32),
         }
+        # 40 tiny element-wise ops per mHC site: compiled into one fused kernel per shape.
+        self._sinkhorn = mx.compile(self._sinkhorn_impl)
         missing = [n for n in self._required_names() if n not in weights]
         if missing:
             raise KeyError(
@@ -221,6 +223,16 @@ class Model:
 
     # ------------------------------------------------------------------ mHC
 
+    def _sinkhorn_impl(self, comb: mx.array) -> mx.array:
+        """Softmax rows, then alternate column/row normalisation, ending on columns (§2.2)."""
+        eps = self.cfg.hc_eps
+        comb = mx.softmax(comb, axis=-1, precise=True) + eps
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+        for _ in range(self.cfg.hc_sinkhorn_iters - 1):
+            comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)
+            comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+        return comb
+
     def hc_pre(self, x: mx.array, p: str) -> tuple[mx.array, mx.array, mx.array]:
         """x [S, hc, D] → block input a [S, D], post [S, hc], comb [S, hc, hc] (§2.2)."""
         cfg, w = self.cfg, self.w
@@ -233,11 +245,7 @@ class Model:
         pre = mx.sigmoid(mix[:, :hc] * scale[0] + base[:hc]) + cfg.hc_eps
         post = 2 * mx.sigmoid(mix[:, hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
         comb = mix[:, 2 * hc :].reshape(s, hc, hc) * scale[2] + base[2 * hc :].reshape(hc, hc)
-        comb = mx.softmax(comb, axis=-1, precise=True) + cfg.hc_eps
-        comb = comb / (comb.sum(axis=-2, keepdims=True) + cfg.hc_eps)
-        for _ in range(cfg.hc_sinkhorn_iters - 1):
-            comb = comb / (comb.sum(axis=-1, keepdims=True) + cfg.hc_eps)
-            comb = comb / (comb.sum(axis=-2, keepdims=True) + cfg.hc_eps)
+        comb = self._sinkhorn(comb)
         a = (pre[:, :, None] * x).sum(axis=1)
         return a, post, comb
 
@@ -353,13 +361,16 @@ class Model:
         kv = self._round_kv(rope_tail(kv, cos, sin), ctx.official)
 
         # Raw window: ring (positions before the chunk) + the chunk itself.
-        ring_pos = ring_positions(ctx.start, window)  # [W]
+        ring_pos = st.raw_pos if st.raw_pos is not None else ring_positions(ctx.start, window)
         keys = mx.concatenate([st.raw, kv])  # [W+S, hd]
         key_pos = np.concatenate([ring_pos, ctx.pos])
         t = ctx.pos[:, None]
         ok = (key_pos[None, :] >= 0) & (key_pos[None, :] <= t) & (key_pos[None, :] > t - window)
         raw_bias = mx.array(np.where(ok, 0.0, -np.inf).astype(np.float32))  # [S, W+S]
         st.raw = ring_write(st.raw, kv, ctx.start)
+        if st.raw_pos is not None:
+            st.raw_pos = st.raw_pos.copy()
+            st.raw_pos[ctx.pos[-window:] % window] = ctx.pos[-window:]
 
         scale = 1.0 / math.sqrt(hd)
         scores = [(q.reshape(s * h, hd) @ keys.T).reshape(s, h, -1) * scale + raw_bias[:, None]]
@@ -369,6 +380,12 @@ class Model:
             rows = self._compress(x, ctx, p + "compressor.", ratio, hd, st.front, "")
             if rows is not None:
                 st.comp.append(self._round_kv(rows, ctx.official))
+            if ratio == 4:  # the indexer's compressor sees every token, like the main one
+                irows = self._compress(
+                    x, ctx, p + "indexer.compressor.", 4, cfg.index_head_dim, st.front, "idx_"
+                )
+                if irows is not None:
+                    st.index.append(self._round_index(irows, ctx.official))
             n = st.comp.n
             thr = (ctx.pos + 1) // ratio  # [S] visible rows: w < thr
             if n and ratio == 128:
@@ -415,13 +432,11 @@ class Model:
     def indexer(
         self, x: mx.array, q_lat: mx.array, ctx: Ctx, p: str, st: LayerState, thr: np.ndarray
     ) -> tuple[mx.array, mx.array]:
-        """Lightning indexer: update index keys, score visible rows, top-k → (idx, valid) [S, k]."""
+        """Lightning indexer over the (already updated) index keys: score the visible rows and
+        keep the top-k → (idx, valid) [S, k]; invalid picks (fewer visible than k) are masked."""
         cfg, w = self.cfg, self.w
         s = ctx.length
         hi, di = cfg.index_n_heads, cfg.index_head_dim
-        rows = self._compress(x, ctx, p + "indexer.compressor.", 4, di, st.front, "idx_")
-        if rows is not None:
-            st.index.append(self._round_index(rows, ctx.official))
         n = st.index.n
         cos, sin = ctx.rope["compress"]
         qi = linear(q_lat, w[p + "indexer.wq_b.weight"]).reshape(s, hi, di)

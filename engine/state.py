@@ -68,6 +68,9 @@ class LayerState:
     comp: GrowBuf | None = None  # [T // ratio, head_dim]
     index: GrowBuf | None = None  # [T // 4, index_head_dim] (CSA only)
     front: dict[str, mx.array] = field(default_factory=dict)
+    # Position held by each ring slot (−1 empty) for rings that are not fed every position
+    # (the MTP block's); None means "all positions before T", computed on the fly.
+    raw_pos: np.ndarray | None = None
 
 
 def _frontier(slots: int, width: int) -> tuple[mx.array, mx.array]:
@@ -122,6 +125,7 @@ class DecodeState:
     tokens: list[int] = field(default_factory=list)
     logits: mx.array | None = None  # float32 [vocab] after the last token
     last_streams: mx.array | None = None  # [hc_mult, hidden] before hc_head (feeds MTP)
+    mtp_layer: LayerState | None = None  # the MTP block's own raw window (not exported)
 
     @classmethod
     def new(cls, cfg: ModelConfig, numerics: str) -> DecodeState:
@@ -143,6 +147,10 @@ class DecodeState:
             c.index = copy.copy(ls.index) if ls.index is not None else None
             c.front = dict(ls.front)
             out.layers.append(c)
+        if self.mtp_layer is not None:
+            out.mtp_layer = copy.copy(self.mtp_layer)
+            if self.mtp_layer.raw_pos is not None:
+                out.mtp_layer.raw_pos = self.mtp_layer.raw_pos.copy()
         return out
 
     def arrays(self) -> list[mx.array]:

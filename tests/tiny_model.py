@@ -577,3 +577,48 @@ def random_tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
     """Token ids avoiding 0/1 (BOS/EOS) so generation tests do not stop early by accident."""
     rng = np.random.default_rng(seed)
     return [int(t) for t in rng.integers(2, vocab, size=n)]
+
+
+def cache_root(request) -> Path:
+    """The pytest cache directory for exports (shared by xdist workers and across runs)."""
+    cache = getattr(request.config, "cache", None)
+    if cache is None:  # cacheprovider disabled
+        return default_cache_root()
+    return Path(cache.mkdir("tiny-models"))
+
+
+@functools.lru_cache(maxsize=16)
+def cached_engine(model_dir: Path, numerics: str = "exact"):
+    """One loaded `Engine` per (checkpoint, numerics) per process."""
+    from ds4_agent.engine.generate import Engine
+
+    return Engine.load(model_dir, numerics=numerics)
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a − ref| scaled by max |ref|."""
+    return float(np.abs(np.asarray(a) - ref).max() / np.abs(ref).max())
+
+
+@functools.lru_cache(maxsize=32)
+def _one_shot(model_dir: Path, numerics: str, tokens: tuple[int, ...]) -> np.ndarray:
+    eng = cached_engine(model_dir, numerics)
+    out = eng.forward_all(eng.new_state(), list(tokens))
+    out.setflags(write=False)
+    return out
+
+
+def one_shot_logits(model_dir: Path, tokens: list[int], numerics: str = "exact") -> np.ndarray:
+    """The engine's one-shot all-position logits [T, vocab], cached per process (read-only)."""
+    return _one_shot(Path(model_dir), numerics, tuple(int(t) for t in tokens))
+
+
+@functools.lru_cache(maxsize=16)
+def _ref(model_dir: Path, tokens: tuple[int, ...]) -> np.ndarray:
+    out = reference_logits(model_dir, list(tokens))
+    out.setflags(write=False)
+    return out
+
+
+def cached_reference_logits(model_dir: Path, tokens: list[int]) -> np.ndarray:
+    return _ref(Path(model_dir), tuple(int(t) for t in tokens))
