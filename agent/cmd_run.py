@@ -110,7 +110,7 @@ def load_runtime(args: argparse.Namespace, root: Path) -> Runtime:
     tokenizer = wiring.load_tokenizer(model_dir)
     tools = wiring.build_tools(
         root,
-        mode=getattr(args, "permission_mode", None) or "ask",
+        mode=getattr(args, "permission_mode", None),
         allow=getattr(args, "allow", None) or [],
         deny=getattr(args, "deny", None) or [],
     )
@@ -151,9 +151,36 @@ def system_prefix_tokens(agent: Agent, root: Path) -> tuple[list[int], str]:
     return agent.render.system_prefix(text, schemas, reasoning_effort=effort), text
 
 
-def run(args: argparse.Namespace) -> int:
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag values that argparse cannot check: usage errors (exit 2), one line each."""
+    from ds4_agent.tools.permissions import Rule, RuleError, parse_mode
+
     try:
-        task = read_task(args)
+        if getattr(args, "permission_mode", None):
+            args.permission_mode = parse_mode(args.permission_mode)
+        for rule in [*(getattr(args, "allow", None) or []), *(getattr(args, "deny", None) or [])]:
+            Rule.parse(rule, "the command line")
+    except RuleError as e:
+        raise UsageProblem(str(e)) from None
+    if getattr(args, "max_turns", None) is not None and args.max_turns < 1:
+        raise UsageProblem("--max-turns must be at least 1")
+    if getattr(args, "ctx", None) is not None and args.ctx < 1024:
+        raise UsageProblem("--ctx must be at least 1024 tokens")
+
+
+def run(
+    args: argparse.Namespace,
+    *,
+    runtime: Runtime | None = None,
+    sampler: Any = None,
+    out: Any = None,
+    stdin: Any = None,
+) -> int:
+    """The default command. `runtime`, `sampler`, `out` and `stdin` let an embedding program
+    (or a test) supply an already loaded engine, a sampler, and the streams."""
+    try:
+        check_flags(args)
+        task = read_task(args, stdin)
         repo = find_repo()
         store = store_for()
         branch = current_branch(repo.root) if repo.is_git else None
@@ -163,11 +190,11 @@ def run(args: argparse.Namespace) -> int:
             from ds4_agent.agent.ui import run_interactive
 
             session, is_new = pick_session(store, args, branch, interactive=True)
-            rt = load_runtime(args, repo.root)
+            rt = runtime or load_runtime(args, repo.root)
             return run_interactive(args, rt, session, is_new, repo.root)
         session, is_new = pick_session(store, args, branch, interactive=False)
-        rt = load_runtime(args, repo.root)
-        return run_headless(args, rt, session, is_new, repo.root, task)
+        rt = runtime or load_runtime(args, repo.root)
+        return run_headless(args, rt, session, is_new, repo.root, task, sampler=sampler, out=out)
     except UsageProblem as e:
         return fail(str(e), EXIT_USAGE)
     except (CommandError, SessionError) as e:

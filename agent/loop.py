@@ -228,7 +228,8 @@ class Agent:
         return True
 
     def run_turn(self, user_text: str) -> TurnResult:
-        self.interrupt.clear()
+        # The interrupt flag is not cleared here: a Ctrl+C that arrived while the session was
+        # being restored must stop this turn too. It is cleared when the turn has ended.
         self.turn_no += 1
         self.maybe_compact()
         notes = self.notes()

@@ -101,6 +101,9 @@ class Renderer:
         Rendered by the official encoder around a placeholder, so the protocol texts are
         exactly the official ones; the system text itself goes in as untrusted text.
         """
+        if not tools and reasoning_effort != "max":
+            # Without tools or effort paragraph the official rendering is BOS + the text.
+            return [self.sp.bos, *self.tok.encode_untrusted(system_text)]
         from ds4_agent.prompts.encoding import encode_messages
 
         msg: dict[str, Any] = {"role": "system", "content": _PLACEHOLDER}

@@ -7,6 +7,7 @@ line saying what to do, instead of a traceback. Heavy imports (MLX) happen here,
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,13 @@ from ds4_agent.agent.paths import snapshots_dir
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    value = model or os.environ.get("DS4_AGENT_MODEL", "")
-    if not value:
-        raise CommandError(
-            "no model given: pass --model DIR or set DS4_AGENT_MODEL (see `ds4-agent model list`)"
-        )
-    p = Path(value).expanduser()
-    if not p.exists():
-        raise CommandError(f"model directory {p} does not exist; check --model")
-    return p
+    """--model NAME|DIR, else $DS4_AGENT_MODEL, else the registry's default model."""
+    from ds4_agent.engine.model_registry import RegistryError, resolve_model
+
+    try:
+        return resolve_model(model)
+    except RegistryError as e:
+        raise CommandError(str(e)) from None
 
 
 def load_engine(model_dir: Path) -> Any:
@@ -56,7 +55,11 @@ def build_tools(
     deny: list[str] | None = None,
 ) -> Any:
     """The tool registry for `root`, with the permission policy from the settings files
-    (user, project, local) overridden by the command line (--permission-mode/--allow/--deny)."""
+    (user, project, local) overridden by the command line (--permission-mode/--allow/--deny).
+
+    `DS4_AGENT_TOOLS=none` runs the model without tools (plain chat); returns None then."""
+    if os.environ.get("DS4_AGENT_TOOLS", "").lower() == "none":
+        return None
     from ds4_agent.agent.paths import config_dir
     from ds4_agent.tools.permissions import Rule, RuleError
     from ds4_agent.tools.registry import ToolRegistry
@@ -87,6 +90,17 @@ def open_snapshot_store() -> Any:
 
 
 def default_sampler() -> Any:
-    from ds4_agent.engine.sampling import Sampler, SamplerConfig
+    """The model card's sampler; `DS4_AGENT_SCRIPT=FILE` (a JSON list of token ids) replays a
+    fixed token script instead (reproducible demos and the end-to-end tests)."""
+    from ds4_agent.engine.sampling import Sampler, SamplerConfig, ScriptedSampler
 
+    script = os.environ.get("DS4_AGENT_SCRIPT", "")
+    if script:
+        try:
+            ids = json.loads(Path(script).read_text())
+        except (OSError, ValueError) as e:
+            raise CommandError(
+                f"DS4_AGENT_SCRIPT={script}: not a JSON list of token ids ({e})"
+            ) from None
+        return ScriptedSampler(ids)
     return Sampler(SamplerConfig())
