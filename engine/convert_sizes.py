@@ -4,10 +4,10 @@ KV-state bytes per token, and whether a model fits a Mac's memory with what cont
 The Flash tensor list is rebuilt from the published shapes (engine-spec §4.1) so that
 `model convert --dry-run` and the size targets can be checked without the 160 GB checkpoint.
 
-Memory model (`fit_report`): usable memory = RAM − max(8 GiB, RAM/8) — what a Mac leaves to a
-single GPU process once `iogpu.wired_limit_mb` is raised (the default limit is lower; `doctor`
-explains how to raise it); the model needs its weights + `RUNTIME_OVERHEAD` (activations,
-prefill scratch) + the decode state for the context (BF16 rows, spec §3.1/§3.2).
+Memory model (`fit`): usable memory = RAM − max(8 GiB, RAM/8) — what a Mac leaves to a single
+GPU process once `iogpu.wired_limit_mb` is raised (the default limit is lower); the model needs
+its weights + a runtime overhead (activations, prefill scratch: 2 GiB for Flash) + the decode
+state for the context (BF16 rows, spec §3.1/§3.2).
 """
 
 from __future__ import annotations
@@ -212,7 +212,14 @@ def state_fixed_bytes(cfg: dict[str, Any]) -> int:
 
 
 def usable_memory(total_bytes: int) -> int:
-    return total_bytes - max(8 * GIB, total_bytes // 8)
+    """What one GPU process can hold: RAM minus max(8 GiB, RAM/8) on Mac-sized machines (less
+    reserve on small test machines: at most a quarter of RAM)."""
+    return total_bytes - max(min(8 * GIB, total_bytes // 4), total_bytes // 8)
+
+
+def runtime_overhead(weights_bytes: int) -> int:
+    """Activations and prefill scratch: 2 GiB for Flash, proportionally less for small models."""
+    return min(RUNTIME_OVERHEAD, weights_bytes // 10 + (256 << 20))
 
 
 def physical_memory() -> int:
@@ -233,7 +240,9 @@ class Fit:
     @property
     def label(self) -> str:
         if not self.fits:
-            short = (self.weights_bytes + RUNTIME_OVERHEAD - self.usable_bytes) / GIB
+            short = (
+                self.weights_bytes + runtime_overhead(self.weights_bytes) - self.usable_bytes
+            ) / GIB
             return f"no (short by {short:.1f} GiB)"
         return f"yes, context up to {_tokens(self.context_tokens)}"
 
@@ -246,7 +255,7 @@ def _tokens(n: int) -> str:
 
 def fit(weights_bytes: int, cfg: dict[str, Any], memory_bytes: int, min_context: int = 4096) -> Fit:
     usable = usable_memory(memory_bytes)
-    free = usable - weights_bytes - RUNTIME_OVERHEAD - state_fixed_bytes(cfg)
+    free = usable - weights_bytes - runtime_overhead(weights_bytes) - state_fixed_bytes(cfg)
     per = max(state_bytes_per_token(cfg), 1.0)
     ctx = int(max(free, 0) // per)
     ctx = min(ctx, int(cfg.get("max_position_embeddings", 1 << 20)))
@@ -281,7 +290,7 @@ def check_memory_fit(
     mem = memory_bytes if memory_bytes is not None else physical_memory()
     f = fit(weights, cfg, mem, min_context=context_tokens)
     if mem and not f.fits and os.environ.get("DS4_SKIP_MEMORY_CHECK") != "1":
-        need = weights + RUNTIME_OVERHEAD + state_fixed_bytes(cfg)
+        need = weights + runtime_overhead(weights) + state_fixed_bytes(cfg)
         need += int(context_tokens * state_bytes_per_token(cfg))
         raise InsufficientMemoryError(
             f"{model_dir}: needs about {need / GIB:.1f} GiB for weights + {context_tokens} tokens "

@@ -281,11 +281,21 @@ def is_converted_dir(model_dir: str | Path) -> bool:
         return False
 
 
-def load_weights(model_dir: str | Path) -> dict[str, Weight]:
+def load_weights(
+    model_dir: str | Path, *, context_tokens: int = 4096, check_memory: bool = True
+) -> dict[str, Weight]:
     """All weights of a model directory, keyed by official names, lazily (see module doc).
 
-    Dispatches on `config.json`: a `ds4_mlx` section means a converted MLX tier.
+    Dispatches on `config.json`: a `ds4_mlx` section means a converted MLX tier. Before
+    anything is read, the weights plus `context_tokens` of decode state are compared with this
+    machine's memory (`convert_sizes.check_memory_fit`); a model that cannot fit raises
+    `InsufficientMemoryError` with a one-line explanation instead of swapping the machine to a
+    halt. `DS4_SKIP_MEMORY_CHECK=1` (or `check_memory=False`) skips the check.
     """
+    if check_memory and (Path(model_dir) / "config.json").is_file():
+        from ds4_agent.engine.convert_sizes import check_memory_fit
+
+        check_memory_fit(model_dir, context_tokens)
     if is_converted_dir(model_dir):
         from ds4_agent.engine import mlx_format
 

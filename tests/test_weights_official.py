@@ -150,3 +150,15 @@ def test_errors_name_the_problem(tmp_path: Path, quant_dir: Path) -> None:
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match="truncated"):
         load_weights(broken)
+
+
+def test_refuses_to_load_a_model_that_cannot_fit(
+    quant_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ds4_agent.engine import convert_sizes
+
+    monkeypatch.setattr(convert_sizes, "physical_memory", lambda: 256 << 20)
+    with pytest.raises(convert_sizes.InsufficientMemoryError, match="needs about"):
+        load_weights(quant_dir, context_tokens=1 << 20)
+    monkeypatch.setenv("DS4_SKIP_MEMORY_CHECK", "1")
+    assert load_weights(quant_dir, context_tokens=1 << 20)
