@@ -229,3 +229,11 @@ def test_no_temp_files_left_behind(h):
     h.ok("Edit", file_path="a.txt", old_string="x", new_string="y")
     h.ok("Write", file_path="b.txt", content="z")
     assert sorted(p.name for p in h.root.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_display_diff_has_true_line_numbers(h):
+    read_then(h, "long.txt", "".join(f"row {i}\n" for i in range(1, 101)))
+    res = h("Edit", file_path="long.txt", old_string="row 50\n", new_string="ROW 50\nextra\n")
+    diff = res.display["diff"]
+    assert "@@ -47,7 +47,8 @@" in diff
+    assert diff.count("\n-") == 1 and "+ROW 50\n+extra\n" in diff

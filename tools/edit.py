@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 from pydantic import Field
@@ -88,14 +89,31 @@ def _commit(
 
 
 def _diff(path: str, before: str, after: str) -> str:
-    return "".join(
-        difflib.unified_diff(
-            before.splitlines(keepends=True),
-            after.splitlines(keepends=True),
-            f"a/{path}",
-            f"b/{path}",
-        )
+    """Unified diff for the UI. Only the changed middle goes through difflib (which is slow on
+    big files); the common head and tail are skipped and the hunk line numbers shifted back."""
+    a = before.splitlines(keepends=True)
+    b = after.splitlines(keepends=True)
+    m = min(len(a), len(b))
+    p = 0
+    while p < m and a[p] == b[p]:
+        p += 1
+    q = 0
+    while q < m - p and a[-1 - q] == b[-1 - q]:
+        q += 1
+    lo = max(0, p - 3)
+    keep_tail = max(0, q - 3)
+    diff = difflib.unified_diff(
+        a[lo : len(a) - keep_tail], b[lo : len(b) - keep_tail], f"a/{path}", f"b/{path}"
     )
+
+    def shift(m: re.Match[str]) -> str:
+        l1, c1, l2, c2 = m.group(1), m.group(2) or "", m.group(3), m.group(4) or ""
+        return f"@@ -{int(l1) + lo if int(l1) else 0}{c1} +{int(l2) + lo if int(l2) else 0}{c2} @@"
+
+    return "".join(_HUNK.sub(shift, line) if line.startswith("@@") else line for line in diff)
+
+
+_HUNK = re.compile(r"^@@ -(\d+)(,\d+)? \+(\d+)(,\d+)? @@")
 
 
 def _apply_ops(text: str, ops: list[EditOp], tool: str) -> tuple[str, list[str], tuple[int, int]]:

@@ -13,8 +13,11 @@ shows the most similar block of the file so the model can correct its old_string
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from .result import ToolError
 
@@ -76,9 +79,9 @@ def _split_lines(text: str) -> tuple[list[str], list[int]]:
 
 
 def _line_windows(
-    text: str, old: str, same: Callable[[str, str], bool]
+    text: str, old: str, norm: Callable[[str], str]
 ) -> list[tuple[int, int, list[str]]]:
-    """Whole-line windows of `text` whose lines equal old's lines under `same`."""
+    """Whole-line windows of `text` whose lines equal old's lines after `norm`."""
     old_lines = old.split("\n")
     trailing_nl = old.endswith("\n")
     if trailing_nl:
@@ -87,10 +90,17 @@ def _line_windows(
         return []
     lines, starts = _split_lines(text)
     n = len(old_lines)
+    want = [norm(x) for x in old_lines]
+    have = [norm(x) for x in lines]
     found = []
     i = 0
-    while i + n <= len(lines):
-        if all(same(lines[i + k], old_lines[k]) for k in range(n)):
+    last = len(lines) - n
+    while i <= last:
+        try:
+            i = have.index(want[0], i, last + 1)  # C-speed scan for the first line
+        except ValueError:
+            break
+        if have[i : i + n] == want:
             start = starts[i]
             end = starts[i + n - 1] + len(lines[i + n - 1])
             if trailing_nl:
@@ -167,10 +177,10 @@ def _search(text: str, old: str, new: str) -> tuple[list[tuple[int, int, str]], 
     spans = _find_all(text, old)
     if spans:
         return [(s, e, new) for s, e in spans], "exact"
-    windows = _line_windows(text, old, lambda a, b: a.rstrip() == b.rstrip())
+    windows = _line_windows(text, old, str.rstrip)
     if windows:
         return [(s, e, new) for s, e, _ in windows], "matched after ignoring trailing whitespace"
-    windows = _line_windows(text, old, lambda a, b: a.strip() == b.strip())
+    windows = _line_windows(text, old, str.strip)
     if windows:
         return (
             [(s, e, _reindent(new, old, fl)) for s, e, fl in windows],
@@ -241,31 +251,70 @@ def plan_edit(text: str, old: str, new: str, replace_all: bool = False) -> EditP
     return EditPlan([(s, e) for s, e, _ in cands], [r for _, _, r in cands], strategy)
 
 
-def closest_match(text: str, old: str, max_lines: int = 30) -> str:
-    """The block of `text` most similar to `old`, numbered, plus a diff of the two."""
+def closest_match(text: str, old: str, max_lines: int = 30, candidates: int = 40) -> str:
+    """The block of `text` most similar to `old`, numbered, plus a diff of the two.
+
+    Windows are first ranked cheaply by the lines they share with old and by old's words they
+    hold, rare words counting more (a sliding sum over lines); only the best few are compared
+    character by character, so a miss on a big file stays fast.
+    """
     lines = text.replace("\r\n", "\n").split("\n")
     old_lines = old.replace("\r\n", "\n").strip("\n").split("\n")
     n = max(1, min(len(old_lines), len(lines)))
     target = "\n".join(ln.strip() for ln in old_lines)
+    stripped_old = {ln.strip() for ln in old_lines if ln.strip()}
+    per_line = np.fromiter(
+        (3.0 if ln.strip() in stripped_old else 0.0 for ln in lines),
+        dtype=np.float64,
+        count=len(lines),
+    )
+    words = set(_WORD.findall(old))
+    if words:
+        # Old's words on each line, rare words weighing more than words that are on every
+        # line, so the distinctive part of old_string steers the ranking. Punctuation becomes
+        # spaces (bytes.translate) and str.split tokenizes: far faster than a regex scan.
+        plain = (
+            "\n".join(lines)
+            .encode("utf-8", "surrogatepass")
+            .translate(_PUNCT)
+            .decode("utf-8", "replace")
+        )
+        hits = [
+            (k, tok) for k, ln in enumerate(plain.split("\n")) for tok in ln.split() if tok in words
+        ]
+        if hits:
+            freq: dict[str, int] = {}
+            for _, tok in hits:
+                freq[tok] = freq.get(tok, 0) + 1
+            line_of = np.fromiter((h[0] for h in hits), dtype=np.int64, count=len(hits))
+            weight = np.fromiter(
+                (1.0 / freq[h[1]] for h in hits), dtype=np.float64, count=len(hits)
+            )
+            per_line += np.bincount(line_of, weights=weight, minlength=len(lines))
+    cum = np.concatenate(([0.0], np.cumsum(per_line)))
+    window_scores = cum[n:] - cum[:-n]
+    picked = np.argsort(-window_scores, kind="stable")[:candidates].tolist()
     best = (0.0, -1)
-    if len(lines) * n <= 2_000_000:
-        matcher = difflib.SequenceMatcher(autojunk=False)
-        matcher.set_seq2(target)
-        for i in range(0, len(lines) - n + 1):
-            window = "\n".join(ln.strip() for ln in lines[i : i + n])
-            matcher.set_seq1(window)
-            if matcher.real_quick_ratio() <= best[0] or matcher.quick_ratio() <= best[0]:
-                continue
-            r = matcher.ratio()
-            if r > best[0]:
-                best = (r, i)
+    matcher = difflib.SequenceMatcher(autojunk=False)
+    matcher.set_seq2(target)
+    for i in sorted(picked):
+        matcher.set_seq1("\n".join(ln.strip() for ln in lines[i : i + n]))
+        if matcher.real_quick_ratio() <= best[0] or matcher.quick_ratio() <= best[0]:
+            continue
+        r = matcher.ratio()
+        if r > best[0]:
+            best = (r, i)
     ratio, i = best
     if i < 0 or ratio < 0.4:
         return "No similar block found in the file; Read it to see its current content."
-    window = lines[i : i + n]
-    shown = window[:max_lines]
+    window_lines = lines[i : i + n]
+    shown = window_lines[:max_lines]
     numbered = "\n".join(f"{k:>6}\t{ln}" for k, ln in enumerate(shown, i + 1))
-    cut = f"\n[... {len(window) - max_lines} more lines]" if len(window) > max_lines else ""
+    cut = (
+        f"\n[... {len(window_lines) - max_lines} more lines]"
+        if len(window_lines) > max_lines
+        else ""
+    )
     diff = "\n".join(
         difflib.unified_diff(
             [repr(x)[1:-1] for x in old_lines[:max_lines]],
@@ -280,3 +329,8 @@ def closest_match(text: str, old: str, max_lines: int = 30) -> str:
         f"Closest match: lines {i + 1}-{i + n} ({ratio:.0%} similar):\n{numbered}{cut}\n"
         f"Differences (whitespace shown escaped):\n{diff}"
     )
+
+
+_WORD = re.compile(r"\w+")
+_PUNCT_CHARS = b"!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~\t\r"
+_PUNCT = bytes.maketrans(_PUNCT_CHARS, b" " * len(_PUNCT_CHARS))  # bytes.translate is C-fast
