@@ -144,8 +144,15 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
     async def submit(request: Request, gen: GenRequest, prefix: str) -> tuple[Job, Event]:
         if gen.reasoning_effort == "max" and config.ctx < THINK_MAX_MIN_CTX:
             gen.reasoning_effort = "high"
-        prompt = await asyncio.to_thread(render_prompt, gen, replay)
-        job = Job(gen, prompt, asyncio.get_running_loop(), asyncio.Queue(), id_prefix=prefix)
+        rendered = await asyncio.to_thread(render_prompt, gen, replay, worker.tok)
+        job = Job(
+            gen,
+            rendered.text,
+            asyncio.get_running_loop(),
+            asyncio.Queue(),
+            id_prefix=prefix,
+            untrusted=rendered.untrusted,
+        )
         worker.submit(job)
         # Wait until the worker has tokenized the prompt (or refused it), watching for a
         # client that gives up while queued.
@@ -305,8 +312,12 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
         except ValidationError as e:
             raise from_validation_error(e) from None
         check_model(req.model, "anthropic")
-        prompt = await asyncio.to_thread(render_prompt, from_anthropic(req, raw), replay)
-        n = await asyncio.to_thread(lambda: len(worker.tok.encode_trusted(prompt)))
+        rendered = await asyncio.to_thread(
+            render_prompt, from_anthropic(req, raw), replay, worker.tok
+        )
+        n = await asyncio.to_thread(
+            lambda: len(worker.cache.tokenize(rendered.text, rendered.untrusted))
+        )
         return {"input_tokens": n}
 
     return app

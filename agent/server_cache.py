@@ -208,14 +208,36 @@ class PromptCache:
 
     # -- lookup ---------------------------------------------------------------------------
 
-    def plan(self, prompt: str, turn_snapshot: bool = True) -> Plan:
+    def tokenize(self, prompt: str, untrusted: list[tuple[int, int]], start: int = 0) -> list[int]:
+        """Ids of prompt[start:]: trusted scaffolding, `untrusted` spans as plain text."""
+        ids: list[int] = []
+        pos = start
+        for a, b in untrusted:
+            if b <= pos:
+                continue
+            a = max(a, pos)
+            if a > pos:
+                ids += self.tok.encode_trusted(prompt[pos:a])
+            ids += self.tok.encode_untrusted(prompt[a:b])
+            pos = b
+        if pos < len(prompt):
+            ids += self.tok.encode_trusted(prompt[pos:])
+        return ids
+
+    def plan(
+        self,
+        prompt: str,
+        untrusted: list[tuple[int, int]] | None = None,
+        turn_snapshot: bool = True,
+    ) -> Plan:
+        untrusted = untrusted or []
         pb = prompt.encode("utf-8")
         live = self.live_bytes()
         if self._live_n and pb.startswith(live):
             suffix = _decode_suffix(pb, len(live))
             if suffix is not None:
                 self.stats["live_hits"] += 1
-                ids = self.tok.encode_trusted(suffix) if suffix else []
+                ids = self.tokenize(prompt, untrusted, len(prompt) - len(suffix))
                 return Plan(
                     self._live_n, ids, self._checkpoints(self._live_n, ids, False, turn_snapshot)
                 )
@@ -229,7 +251,7 @@ class PromptCache:
                 self._live, self._live_n = bytearray(), 0
                 if self.live_bytes() == pb[: hit.n_bytes]:
                     self.stats["disk_hits"] += 1
-                    ids = self.tok.encode_trusted(suffix) if suffix else []
+                    ids = self.tokenize(prompt, untrusted, len(prompt) - len(suffix))
                     return Plan(
                         hit.n_tokens,
                         ids,
@@ -240,7 +262,7 @@ class PromptCache:
         self.stats["misses"] += 1
         self.save_live("evict")
         self.reset()
-        ids = self.tok.encode_trusted(prompt)
+        ids = self.tokenize(prompt, untrusted)
         return Plan(0, ids, self._checkpoints(0, ids, True, turn_snapshot))
 
     def _checkpoints(self, cached: int, ids: list[int], cold: bool, turn: bool) -> list[int]:

@@ -53,6 +53,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event]
     id_prefix: str = "call_"
+    untrusted: list[tuple[int, int]] = field(default_factory=list)  # spans of `prompt`
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -154,7 +155,9 @@ class Worker:
         # next prompt diverges right after this prompt's <｜Assistant｜> (see server_cache).
         gen = job.gen
         plan = self.cache.plan(
-            job.prompt, turn_snapshot=gen.thinking_mode == "thinking" and not gen.has_tools
+            job.prompt,
+            job.untrusted,
+            turn_snapshot=gen.thinking_mode == "thinking" and not gen.has_tools,
         )
         total = plan.prompt_tokens
         if total >= self.ctx:

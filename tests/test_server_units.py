@@ -23,7 +23,7 @@ from ds4_agent.agent.server_events import (
     Usage,
 )
 from ds4_agent.agent.server_openai import OpenAIResponse
-from ds4_agent.agent.server_render import EOS_TEXT, canonical_calls
+from ds4_agent.agent.server_render import EOS_TEXT, SPECIAL_HINTS, canonical_calls
 from ds4_agent.agent.server_replay import ReplayMap, ReplayRecord
 from ds4_agent.agent.server_runtime import check_bind, is_loopback
 from ds4_agent.agent.server_schemas import ChatCompletionRequest, MessagesRequest
@@ -223,6 +223,12 @@ def test_canonical_calls_match_the_official_encoder() -> None:
     asst = next(m for m in case["messages"] if m["role"] == "assistant" and m.get("tool_calls"))
     block = canonical_calls(asst["tool_calls"])
     assert block + EOS_TEXT in case["expected"]
+
+
+def test_special_hints_cover_every_added_token(tokenizer_json: Path) -> None:
+    added = [a["content"] for a in json.loads(tokenizer_json.read_text())["added_tokens"]]
+    assert len(added) == 1283
+    assert [a for a in added if not any(h in a for h in SPECIAL_HINTS)] == []
 
 
 # -- streaming completion parser ---------------------------------------------------------------
