@@ -258,3 +258,21 @@ def test_shell_commands_touching_secret_files_ask():
     assert bash(p, "cat .env") == "ask"
     assert bash(p, "ls && grep KEY config/.env.prod") == "ask"
     assert bash(p, "cat README.md") == "allow"
+
+
+def test_read_only_commands_that_can_write_are_not_safe():
+    p = policy("ask")
+    assert bash(p, "sort -o out.txt in.txt") == "ask"
+    assert bash(p, "sort in.txt") == "allow"
+    assert bash(p, "tree -o listing.txt") == "ask"
+    assert bash(p, "uniq a b") == "ask"
+    assert bash(p, "git log --output=x") == "ask"
+
+
+def test_unparseable_deny_matches_whole_words_only():
+    p = policy("full-auto", deny=["Bash(rm:*)"])
+    assert bash(p, "cat <<EOF > term.txt\nformat\nEOF") == "allow"
+    assert bash(p, "cat <<EOF\nEOF\n/bin/rm -rf x") == "deny"
+    assert bash(p, "/bin/rm -rf x") == "deny"
+    assert bash(p, "sudo /usr/bin/rm x") == "deny"
+    assert bash(p, "cat <<EOF\nEOF\nrm -rf x") == "deny"

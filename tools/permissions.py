@@ -74,7 +74,6 @@ SAFE_PROGRAMS = {
     "realpath",
     "readlink",
     "sort",
-    "uniq",
     "cut",
     "tr",
     "diff",
@@ -83,10 +82,8 @@ SAFE_PROGRAMS = {
     "nl",
     "less",
     "more",
-    "date",
     "whoami",
     "uname",
-    "hostname",
     "id",
     "test",
     "[",
@@ -413,7 +410,7 @@ class PermissionPolicy:
             for variant in _variants(seg):
                 for r in deny:
                     if r.matches_command(variant, " ".join(variant)) or (
-                        not parsed and r.spec and r.spec.rstrip(":*").strip() in command
+                        not parsed and r.spec and _mentions(command, r.spec)
                     ):
                         return PermissionDecision(
                             "deny", f"`{seg.text}` is denied by rule {r}", str(r)
@@ -488,6 +485,8 @@ class PermissionPolicy:
                 return False
             real = os.path.realpath(os.path.join(self.root, target))
             return _within(Path(real), self.root)
+        if prog in ("sort", "tree") and any(w.startswith(("-o", "--output")) for w in words[1:]):
+            return False  # these two write their output into a file with -o
         if prog in SAFE_PROGRAMS:
             return True
         if prog == "find":
@@ -507,12 +506,23 @@ class PermissionPolicy:
         return False
 
 
+def _mentions(command: str, spec: str) -> bool:
+    """For commands that cannot be split: does the rule's command appear as whole words?"""
+    prefix = spec[:-2] if spec.endswith(":*") else spec
+    words = [re.escape(w) for w in prefix.replace("*", " ").split()]
+    if not words:
+        return False
+    return re.search(r"(?<![\w.-])" + r"\s+".join(words) + r"(?![\w-])", command) is not None
+
+
 def _variants(seg: Segment) -> list[tuple[str, ...]]:
     """The words of a segment as written and with assignments/wrappers stripped (for deny rules)."""
     out = [seg.words]
     core = seg.core()
     if core and core != seg.words:
         out.append(core)
+    if core and "/" in core[0]:  # /bin/rm is rm
+        out.append((core[0].rsplit("/", 1)[-1], *core[1:]))
     # `bash -c "..."`, `sh -c '...'`, `eval ...`: check the inner command too.
     if core and core[0].rsplit("/", 1)[-1] in ("bash", "sh", "zsh", "dash") and "-c" in core:
         idx = core.index("-c")
