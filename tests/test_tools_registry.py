@@ -116,6 +116,9 @@ def test_string_values_are_coerced(tmp_path):
         h.write_file("a.txt", "1\n2\n3\n")
         assert h.ok("Read", file_path="a.txt", offset="2", limit="1").startswith("     2\t2")
         h.ok("Edit", file_path="a.txt", old_string="2", new_string="two", replace_all="true")
+        # Explicit nulls mean "use the default".
+        assert h.ok("Read", file_path="a.txt", offset=None, limit=None).startswith("     1\t1")
+        h.ok("Edit", file_path="a.txt", old_string="two", new_string="2", replace_all=None)
     finally:
         h.close()
 

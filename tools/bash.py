@@ -134,6 +134,7 @@ def tool_bash(args: BashArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
         display={
             "kind": "shell",
             "job": job.id,
+            "description": args.description,
             "exit_code": job.exit_code,
             "end_reason": job.end_reason,
             "truncated": truncated,

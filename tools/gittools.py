@@ -210,6 +210,7 @@ def tool_git_commit(args: GitCommitArgs, env: ToolEnv, ctx: ToolContext) -> Tool
         with_extended_output=True,
         with_exceptions=False,
         env=GIT_ENV,
+        kill_after_timeout=300,  # commit hooks can hang; never block the agent forever
     )
     if status != 0:
         msg = next(

@@ -260,6 +260,8 @@ class ToolRegistry:
             return None, ToolResult.error(
                 f"arguments for {spec.name} must be an object with named parameters, not {type(arguments).__name__}"
             )
+        # An explicit null means "not given": the default applies (models often send nulls).
+        arguments = {k: v for k, v in arguments.items() if v is not None}
         try:
             return model.model_validate(arguments), None
         except ValidationError as e:
