@@ -493,6 +493,11 @@ class OfficialConverter:
         if not cfg_path.is_file():
             raise ConvertError(f"{self.src}: no config.json; point at the checkpoint directory")
         self.config = json.loads(cfg_path.read_text())
+        if "ds4_mlx" in self.config:
+            raise ConvertError(
+                f"{self.src} is already a converted MLX tier ({self.config['ds4_mlx'].get('tier')}); "
+                "convert from the official checkpoint or a ds4 .gguf file"
+            )
         if self.config.get("model_type") != "deepseek_v4":
             raise ConvertError(
                 f"{cfg_path}: model_type {self.config.get('model_type')!r} is not deepseek_v4"

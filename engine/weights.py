@@ -238,6 +238,13 @@ def load_official(model_dir: str | Path) -> dict[str, Weight]:
     for name, entry in ckpt.entries.items():
         if entry.dtype == "F8_E8M0":
             continue  # consumed with its weight
+        if name.endswith(".scale") and entry.dtype in ("F32", "BF16", "F16") and entry.shape:
+            weight = name[: -len(".scale")] + ".weight"
+            if weight in ckpt.entries and ckpt.entries[weight].dtype in ("F8_E4M3", "I8", "U8"):
+                raise WeightsError(
+                    f"{model_dir}: {name} is {entry.dtype}; this loader maps only the DeepSeek V4 "
+                    "release's F8_E8M0 (power-of-two) block scales to MLX without rounding"
+                )
         arr = lazy[name]
         w: Weight
         if entry.dtype == "F8_E4M3":

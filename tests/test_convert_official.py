@@ -280,6 +280,9 @@ def test_bad_sources_are_clear_errors(tmp_path: Path, src: Path) -> None:
         cv.OfficialConverter(tmp_path / "nope", cv.ConvertOptions("q2"))
     with pytest.raises(ConvertError, match="unknown tier"):
         cv.OfficialConverter(src, cv.ConvertOptions("q1"))
+    _convert(src, tmp_path / "l", "lossless")
+    with pytest.raises(ConvertError, match="already a converted MLX tier"):
+        _convert(tmp_path / "l", tmp_path / "again", "q2")
 
 
 # --------------------------------------------------------------------------------------------
