@@ -199,3 +199,10 @@ def test_read_state_export_import(h):
     ws2 = Workspace(h.root)
     ws2.import_read_state(__import__("json").loads(__import__("json").dumps(state)))
     ws2.check_fresh(h.root / "a.txt", b"x\n", "Edit")  # no error: the stamp came across
+
+
+def test_writes_inside_dot_git_refused(h):
+    (h.root / ".git" / "hooks").mkdir(parents=True)
+    msg = h.err("Write", file_path=".git/hooks/pre-commit", content="#!/bin/sh\nrm -rf /\n")
+    assert "inside .git" in msg
+    assert not (h.root / ".git" / "hooks" / "pre-commit").exists()

@@ -121,6 +121,11 @@ class Workspace:
         lexical = os.path.normpath(joined)
         real = Path(os.path.realpath(joined))
         if self.contains(real, for_write=for_write):
+            if for_write and ".git" in real.parts:
+                # Hooks and config under .git run code on the next git command.
+                raise ToolError(
+                    f"refusing to write inside .git ({raw}); change the repository through git commands (GitCommit, Bash) instead"
+                )
             return real
         via = ""
         if self.contains(Path(lexical), for_write=for_write):
