@@ -173,3 +173,17 @@ def test_job_files_cleaned_up(h):
     h.ok("Bash", command="sleep 60", run_in_background=True)
     h.reg.close()
     assert not scratch.exists()
+
+
+def test_carriage_return_progress_lines_collapsed(h):
+    text = h.ok("Bash", command=r"printf 'progress 10%%\rprogress 50%%\rprogress 100%%\ndone\n'")
+    assert text.startswith("progress 100%\ndone\n")
+
+
+def test_background_job_cap(h, monkeypatch):
+    from ds4_agent.tools import bash
+
+    monkeypatch.setattr(bash, "MAX_BACKGROUND_JOBS", 2)
+    h.ok("Bash", command="sleep 30", run_in_background=True)
+    h.ok("Bash", command="sleep 30", run_in_background=True)
+    assert "already running" in h.err("Bash", command="sleep 30", run_in_background=True)

@@ -10,6 +10,8 @@ from .jobs import Job
 from .result import ToolError, ToolResult
 from .textutil import strip_ansi
 
+MAX_BACKGROUND_JOBS = 16
+
 
 class BashArgs(Args):
     command: str = Field(min_length=1)
@@ -28,7 +30,11 @@ class KillShellArgs(Args):
 
 
 def _decode(data: bytes) -> str:
-    return strip_ansi(data.decode("utf-8", errors="replace")).replace("\r\n", "\n")
+    text = strip_ansi(data.decode("utf-8", errors="replace")).replace("\r\n", "\n")
+    if "\r" in text:
+        # Progress bars redraw a line with "\r"; show each line as a terminal would end up.
+        text = "\n".join(ln.rstrip("\r").rsplit("\r", 1)[-1] for ln in text.split("\n"))
+    return text
 
 
 def _fmt_bytes(n: int) -> str:
@@ -92,9 +98,18 @@ def tool_bash(args: BashArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
         if args.timeout is not None
         else (None if args.run_in_background else lim.bash_default_timeout_ms)
     )
-    if timeout_ms is not None and timeout_ms > lim.bash_max_timeout_ms:
+    if (
+        timeout_ms is not None
+        and timeout_ms > lim.bash_max_timeout_ms
+        and not args.run_in_background
+    ):
         raise ToolError(
             f"Bash: timeout {timeout_ms} ms is over the {lim.bash_max_timeout_ms} ms maximum; pass a smaller timeout or set run_in_background=true"
+        )
+    running = sum(1 for j in env.jobs.jobs.values() if j.running)
+    if args.run_in_background and running >= MAX_BACKGROUND_JOBS:
+        raise ToolError(
+            f"Bash: {running} background jobs are already running; stop one with KillShell before starting another"
         )
     cap = lim.output_max_chars
     try:
