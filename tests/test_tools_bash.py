@@ -13,6 +13,13 @@ from ds4_agent.tools.context import ToolContext
 from tools_helpers import Harness, pid_alive
 
 
+def wait_until(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def h(tmp_path):
     harness = Harness(tmp_path)
@@ -109,15 +116,20 @@ def test_50mb_output_memory_bounded_and_truncation_reported(h):
 
 
 def test_background_job_lifecycle(h):
+    marker = h.root / "go"
     text = h.ok(
-        "Bash", command="echo first; sleep 0.5; echo second; sleep 60", run_in_background=True
+        "Bash",
+        command=f"echo first; while [ ! -e {marker} ]; do sleep 0.05; done; echo second; sleep 60",
+        run_in_background=True,
     )
     job = re.search(r"job (bash_\d+)", text).group(1)
     assert f"bash_id={job}" in text
-    time.sleep(0.25)
+    j = h.reg.jobs.jobs[job]
+    wait_until(lambda: j.total_lines >= 1)
     out1 = h.ok("BashOutput", bash_id=job)
     assert out1.startswith("first\n") and "still running" in out1 and "KillShell" in out1
-    time.sleep(0.6)
+    marker.write_text("")
+    wait_until(lambda: j.total_lines >= 2)
     out2 = h.ok("BashOutput", bash_id=job)
     assert out2.startswith("second\n") and "first" not in out2  # only what is new
     out3 = h.ok("BashOutput", bash_id=job)
