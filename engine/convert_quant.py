@@ -101,25 +101,29 @@ def affine_quantize(
     if search:
         for p in SHRINK[1:]:
             s2, b2 = cand(p)
-            e2, _ = _weighted_err(wg, ag, s2, b2, qmax)
+            e2, q2 = _weighted_err(wg, ag, s2, b2, qmax)
             better = e2 < best
             s, b, best = mx.where(better, s2, s), mx.where(better, b2, b), mx.minimum(e2, best)
+            q = mx.where(better, q2, q)
+        # Weighted least-squares refit of (scale, bias) for the current codes; Σa and Σa·w do
+        # not depend on the codes, so they are computed once.
+        sa = mx.sum(ag, -1, keepdims=True)
+        sw = mx.sum(ag * wg, -1, keepdims=True)
         for _ in range(2):
-            _, q = _weighted_err(wg, ag, s, b, qmax)
-            sa = mx.sum(ag, -1, keepdims=True)
-            sq = mx.sum(ag * q, -1, keepdims=True)
-            sqq = mx.sum(ag * q * q, -1, keepdims=True)
-            sw = mx.sum(ag * wg, -1, keepdims=True)
-            sqw = mx.sum(ag * q * wg, -1, keepdims=True)
+            aq = ag * q
+            sq = mx.sum(aq, -1, keepdims=True)
+            sqq = mx.sum(aq * q, -1, keepdims=True)
+            sqw = mx.sum(aq * wg, -1, keepdims=True)
             det = sqq * sa - sq * sq
             ok = mx.abs(det) > 1e-20
             det_safe = mx.where(ok, det, 1.0)
             s2 = mx.where(ok, (sqw * sa - sq * sw) / det_safe, s)
             b2 = mx.where(ok, (sqq * sw - sq * sqw) / det_safe, b)
             s2 = mx.where(s2 > 1e-12, s2, s)
-            e2, _ = _weighted_err(wg, ag, s2, b2, qmax)
+            e2, q2 = _weighted_err(wg, ag, s2, b2, qmax)
             better = e2 < best
             s, b, best = mx.where(better, s2, s), mx.where(better, b2, b), mx.minimum(e2, best)
+            q = mx.where(better, q2, q)
     # Store what we measure: round scale/bias to the storage dtype, then re-derive the codes.
     s = s.astype(scale_dtype).astype(mx.float32)
     b = b.astype(scale_dtype).astype(mx.float32)
