@@ -206,3 +206,12 @@ def test_writes_inside_dot_git_refused(h):
     msg = h.err("Write", file_path=".git/hooks/pre-commit", content="#!/bin/sh\nrm -rf /\n")
     assert "inside .git" in msg
     assert not (h.root / ".git" / "hooks" / "pre-commit").exists()
+
+
+def test_new_files_get_umask_permissions(h):
+    old = os.umask(0o027)
+    try:
+        h.ok("Write", file_path="perm.txt", content="x")
+    finally:
+        os.umask(old)
+    assert os.stat(h.root / "perm.txt").st_mode & 0o777 == 0o640

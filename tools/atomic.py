@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 
 
@@ -28,7 +28,8 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
     """Replace `path` with `data` so that readers see either the old or the new file, never a mix.
 
     Keeps the permission bits of an existing file (an edited script stays executable) unless
-    `mode` is given. Missing parent directories are created.
+    `mode` is given; a new file gets the usual 0666 minus the umask. Missing parent
+    directories are created.
     """
     path = Path(path)
     parent = path.parent
@@ -37,16 +38,25 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
         try:
             mode = stat.S_IMODE(path.stat().st_mode)
         except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+            mode = None
+    # os.open applies the umask itself (reading the umask would mean changing it, which is
+    # process-wide and not thread-safe).
+    for _ in range(100):
+        tmp = parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"could not create a temporary file next to {path}")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
