@@ -48,7 +48,8 @@ def probabilities(logits: mx.array | np.ndarray, cfg: SamplerConfig) -> np.ndarr
     if cfg.top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         csum = np.cumsum(p[order]) / p.sum()
-        keep = int(np.searchsorted(csum, cfg.top_p) + 1)
+        # Smallest prefix with mass ≥ top_p (a hair of slack so 0.5+0.3 counts as 0.8).
+        keep = int(np.searchsorted(csum, cfg.top_p - 1e-9) + 1)
         mask = np.zeros_like(p, dtype=bool)
         mask[order[:keep]] = True
         p = np.where(mask, p, 0.0)

@@ -1,0 +1,76 @@
+"""`ds4-agent debug logits`: float32 logits [T, vocab] for every input position.
+
+Works on a bare checkpoint directory (config.json + safetensors; no tokenizer needed). The
+tokens file is a JSON list of ids (or an object with a "tokens" list). With `--load-state` the
+ids continue the saved state and the output covers only the new positions; `--save-state`
+writes the state after the last id (single-file `.npz`, see `engine/state_file.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from ds4_agent.agent.cmd_common import fail
+
+
+def _read_tokens(path: str) -> list[int]:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--tokens-file {path}: no such file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--tokens-file {path}: not valid JSON ({e})") from None
+    if isinstance(data, dict):
+        data = data.get("tokens")
+    if not isinstance(data, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in data
+    ):
+        raise ValueError(f"--tokens-file {path}: expected a JSON list of token ids")
+    return data
+
+
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    out = Path(path)
+    directory = out.parent if str(out.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_logits(args: argparse.Namespace) -> int:
+    from ds4_agent.engine.config import ConfigError
+    from ds4_agent.engine.generate import Engine
+    from ds4_agent.engine.state_file import StateFileError, load_state, save_state
+
+    try:
+        tokens = _read_tokens(args.tokens_file)
+        if args.chunk is not None and args.chunk <= 0:
+            raise ValueError("--chunk must be a positive number of tokens")
+        if not tokens and not args.load_state:
+            raise ValueError(f"--tokens-file {args.tokens_file}: no token ids")
+        engine = Engine.load(args.model, numerics=args.numerics)
+        if args.load_state:
+            state = engine.import_state(load_state(args.load_state, engine.fingerprint))
+        else:
+            state = engine.new_state()
+        logits = engine.forward_all(state, tokens, chunk_size=args.chunk)
+        _save_npy(args.out, logits.astype(np.float32))
+        if args.save_state:
+            save_state(args.save_state, state.export(), engine.fingerprint)
+    except (ValueError, ConfigError, StateFileError, FileNotFoundError, KeyError) as e:
+        return fail(str(e).strip("'\""))
+    print(f"wrote {args.out}: logits {logits.shape[0]}×{logits.shape[1]} float32")
+    return 0
