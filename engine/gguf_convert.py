@@ -62,6 +62,7 @@ def convert_gguf(
     shard_bytes: int | None = None,
 ) -> Any:
     """Write (or resume) the MLX tier; returns the writer's `WriteReport`."""
+    import mlx.core as mx
     from ds4_agent.engine import mlx_format
 
     src = GGUFSource(path)
@@ -69,6 +70,9 @@ def convert_gguf(
     stats: dict[str, dict[str, Any]] = {}
 
     def produce(name: str) -> Any:
+        # Buffers MLX freed since the last tensor (the previous shard's arrays) would
+        # otherwise stay in its cache and add up; release them.
+        mx.clear_cache()
         c = src.convert(name, targets[name], quantizer=quantizer)
         e = c.error
         stats[name] = {
@@ -105,7 +109,9 @@ def convert_gguf(
     kwargs: dict[str, Any] = {}
     if shard_bytes is not None:
         kwargs["shard_bytes"] = shard_bytes
-    return mlx_format.write_tier(
+    sources = {name: (src.info(name).qtype, tg) for name, tg in targets.items()}
+    bound = peak_ram_bound(plan, sources, shard_bytes, src.threads)
+    report_ = mlx_format.write_tier(
         out_dir,
         plan,
         produce,
@@ -119,6 +125,8 @@ def convert_gguf(
         stats_report=report,
         **kwargs,
     )
+    report_.extra["peak_ram_bound"] = bound
+    return report_
 
 
 def planned_bytes(path: str | Path, tier: str, requant_group: int = REQUANT_GROUP) -> int:
@@ -139,8 +147,60 @@ _DS4_FLOAT_TYPES = (
 )
 
 
+def peak_ram_bound(
+    plan: list[Any],
+    sources: dict[str, tuple[str, TargetSpec]],
+    shard_bytes: int | None = None,
+    threads: int = 4,
+) -> int:
+    """Upper bound of the GGUF converter's working memory (the memory-mapped source's page
+    cache excluded), independent of the number of layers or experts:
+
+    - the shard being assembled (≤ shard_bytes, or one tensor when larger);
+    - the tensor being produced twice over (numpy arrays + their MLX copy);
+    - decoding temporaries of the costliest tensor: per item (one expert of a stack, `threads`
+      at once, or a whole other matrix) ~4 B/value for the exact Q8_0/Q4_K maps, ~24 B/value
+      (six float32 copies) when values are dequantized for re-quantization or measurement,
+      plus ~32 B/value for the one item the calling thread re-quantizes and measures in MLX.
+    `sources`: official name → (ggml type, target).
+    """
+    from ds4_agent.engine.mlx_format import DEFAULT_SHARD_BYTES
+
+    shard = DEFAULT_SHARD_BYTES if shard_bytes is None else shard_bytes
+    largest = max((t.nbytes for t in plan), default=0)
+    work = 0
+    for t in plan:
+        qtype, target = sources[t.name]
+        if target.kind == "plain" and (qtype, target.dtype) in (
+            ("F32", "float32"),
+            ("F16", "float16"),
+            ("I32", "int32"),
+        ):
+            continue  # copied as stored
+        stacked = ".ffn.experts." in t.name
+        item = 1
+        for d in t.shape[1:] if stacked else t.shape:
+            item *= d
+        exact_map = (
+            target.kind == "affine"
+            and (
+                (qtype == "Q8_0" and target.bits == 8)
+                or (qtype == "Q4_K" and target.bits == 4 and target.scale_dtype == "float32")
+            )
+            and target.group_size == 32
+        )
+        decode = (4 if exact_map else 24) * (threads if stacked else 1)
+        # The calling thread meanwhile re-quantizes / measures one item through MLX: its
+        # float32 input, MLX's copy and temporaries, the dequantized check (~32 B/value).
+        measure = 0 if exact_map else 32
+        work = max(work, item * (decode + measure))
+    # + a fixed allowance for Python objects (tensor tables, manifests) and allocator slack.
+    return max(shard, largest) + 2 * largest + work + (64 << 20)
+
+
 def flash_gguf_sizes(variant: str, tier: str, requant_group: int = REQUANT_GROUP) -> dict[str, int]:
-    """Dry run for ds4's real Flash file: {"gguf": its tensor bytes, "mlx": the tier's bytes}.
+    """Dry run for ds4's real Flash file: {"gguf": its tensor bytes, "mlx": the tier's bytes,
+    "peak_ram": the converter's working-memory bound}.
 
     Shapes come from the published Flash tensor list (no data read). The MTP block lives in a
     separate GGUF file, so it is left out of both figures.
@@ -148,9 +208,11 @@ def flash_gguf_sizes(variant: str, tier: str, requant_group: int = REQUANT_GROUP
     from ds4_agent.engine import convert as cv
     from ds4_agent.engine.convert_sizes import flash_entries
     from ds4_agent.engine.gguf_source import SourceTensor
-    from ds4_agent.engine.mlx_format import stored_bytes
+    from ds4_agent.engine.mlx_format import PlannedTensor, stored_bytes
 
     gguf_bytes = mlx_bytes = 0
+    plan = []
+    sources: dict[str, tuple[str, TargetSpec]] = {}
     for t in cv.source_tensors(flash_entries()):
         if t.name.startswith("mtp."):
             continue
@@ -161,8 +223,12 @@ def flash_gguf_sizes(variant: str, tier: str, requant_group: int = REQUANT_GROUP
             n *= d
         gguf_bytes += n // block * nbytes
         st = SourceTensor(t.name, "", t.shape, qtype, n // block * nbytes)
-        mlx_bytes += stored_bytes(t.shape, _fmt(default_target(st, tier, requant_group)))
-    return {"gguf": gguf_bytes, "mlx": mlx_bytes}
+        target = default_target(st, tier, requant_group)
+        fmt = _fmt(target)
+        mlx_bytes += stored_bytes(t.shape, fmt)
+        plan.append(PlannedTensor(t.name, t.shape, fmt, tensor_class(t.name)))
+        sources[t.name] = (qtype, target)
+    return {"gguf": gguf_bytes, "mlx": mlx_bytes, "peak_ram": peak_ram_bound(plan, sources)}
 
 
 def _flash_type(t: Any, variant: str) -> str:

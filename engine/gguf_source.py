@@ -481,6 +481,11 @@ class GGUFSource:
                 raise GGUFSourceError(f"{t.name}: {t.qtype} cannot become an int32 array")
             arr = np.asarray(self.raw(t.name)).view(np.int32).reshape(t.shape).copy()
             return ConvertedTensor(t.name, target, array=arr, method="copy")
+        same = {"F32": "float32", "F16": "float16"}.get(t.qtype) == target.dtype
+        if same:  # bytes as stored: no float32 detour (the F16 embedding alone is 1 GiB)
+            dtype = np.float32 if t.qtype == "F32" else np.float16
+            arr = np.asarray(self.raw(t.name)).view(dtype).reshape(t.shape).copy()
+            return ConvertedTensor(t.name, target, array=arr, method="copy")
         f32 = self.read_f32(t.name)
         if target.dtype == "float32":
             return ConvertedTensor(t.name, target, array=f32, method="copy")

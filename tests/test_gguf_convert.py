@@ -144,3 +144,59 @@ def test_dry_run_on_the_real_flash_shapes_matches_ds4_files_and_the_q2_target():
     # Q4_K needs 5 bits/weight as fp16-scaled MLX affine: over the q4 target, which is why
     # q4 downloads default to the official checkpoint (mxfp4, exact).
     assert q4["mlx"] > 150 * gib
+
+
+_PEAK_SCRIPT = """
+import json, sys, threading, time
+import mlx.core  # the baseline includes the libraries and modules the conversion uses
+import gguf, tokenizers
+from ds4_agent.engine import gguf_convert, gguf_source, gguf_tokenizer, mlx_format, qtensor
+from ds4_agent.engine.gguf_convert import convert_gguf
+
+def anon():  # anonymous resident memory: the GGUF's memory-mapped pages are not counted
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon")
+
+peak = base = anon()
+done = False
+def watch():
+    global peak
+    while not done:
+        peak = max(peak, anon())
+        time.sleep(0.002)
+t = threading.Thread(target=watch, daemon=True)
+t.start()
+rep = convert_gguf(sys.argv[1], sys.argv[2], sys.argv[3], shard_bytes=16 << 20)
+done = True
+t.join()
+print(json.dumps({"base": base, "peak": peak, "bound": rep.extra["peak_ram_bound"]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux RssAnon")
+def test_peak_memory_does_not_grow_with_the_model_and_stays_under_the_bound(tmp_path):
+    import subprocess
+    import sys
+
+    from gguf_fixture import TinyShape
+
+    def run(n_layers: int) -> dict:
+        shape = TinyShape(
+            hidden=1024, moe=1024, n_experts=8, vocab=512, n_layers=n_layers,
+            ratios=[0, 0, 4, 128, 4, 128, 4, 128][:n_layers],
+        )  # fmt: skip
+        path = write_tiny_gguf(tmp_path / f"m{n_layers}.gguf", "q2", shape=shape)
+        r = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, str(path), str(tmp_path / f"o{n_layers}"), "q2"],
+            capture_output=True, text=True, timeout=600, check=True,
+        )  # fmt: skip
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    small, big = run(2), run(8)  # 4× the layers (and 4× the expert data)
+    grow_small = small["peak"] - small["base"]
+    grow_big = big["peak"] - big["base"]
+    assert grow_big <= grow_small * 1.5 + (32 << 20), (small, big)
+    assert grow_big <= big["bound"], (big, "measured peak exceeds the stated bound")
