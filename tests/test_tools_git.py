@@ -88,3 +88,16 @@ def test_not_a_repo(tmp_path):
             assert "not inside a git repository" in res.text
     finally:
         h.close()
+
+
+def test_secrets_stay_out_of_git_output(h):
+    h.write_file(".env", "TOKEN=first\n")
+    git(h.root, "add", "-f", ".env")
+    git(h.root, "commit", "-q", "-m", "add env")
+    h.write_file(".env", "TOKEN=second\n")
+    h.write_file("a.txt", "one\nchanged\n")
+    diff = h.ok("GitDiff")
+    assert "TOKEN" not in diff and "+changed" in diff
+    assert "TOKEN" not in h.ok("GitShow")
+    res = h("GitShow", path=".env")
+    assert res.is_error and "secrets" in res.text

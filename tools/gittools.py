@@ -191,7 +191,7 @@ def tool_git_show(args: GitShowArgs, env: ToolEnv, ctx: ToolContext) -> ToolResu
         ]
         if args.stat:
             argv.append("--stat")
-        out = _run(repo, *argv, args.ref, "--")
+        out = _run(repo, *argv, args.ref, "--", ".", *_secret_excludes(env))
     return ToolResult(_cap(env, out.rstrip("\n"), "output"))
 
 

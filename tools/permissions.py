@@ -316,6 +316,24 @@ class PermissionPolicy:
         return next((r for r in rules if r.tool in names and pred(r)), None)
 
     def _check_other(self, call: ToolCall) -> PermissionDecision:
+        if call.kind == "git_read" and self.is_secret is not None:
+            for raw in call.all_paths():
+                path = self._resolve(raw)
+                read_rule = next(
+                    (
+                        r
+                        for r in self.allow
+                        if r.tool == "Read" and r.spec and r.matches_path(path, self.root)
+                    ),
+                    None,
+                )
+                if self.is_secret(path) and read_rule is None:
+                    shown = _display(path, self.root)
+                    return PermissionDecision(
+                        "ask",
+                        f"{shown} may contain secrets; showing it needs the user's permission",
+                        suggestions=[f"Read({shown})"],
+                    )
         if r := self._first(self.deny, call, lambda r: r.spec is None):
             return PermissionDecision("deny", f"{call.name} is denied by rule {r}", str(r))
         if r := self._first(self.ask, call, lambda r: r.spec is None):
