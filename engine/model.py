@@ -36,6 +36,7 @@ from ds4_agent.engine.quant import fp4_e2m1_roundtrip, fp8_e4m3_roundtrip, hadam
 from ds4_agent.engine.state import DecodeState, LayerState, ring_positions, ring_write
 
 NUMERICS = ("official", "exact")
+_INDEX_TILE_ELEMS = 1 << 26
 
 # --------------------------------------------------------------------------------------------
 # Primitives
@@ -390,8 +391,8 @@ class Model:
             thr = (ctx.pos + 1) // ratio  # [S] visible rows: w < thr
             if n and ratio == 128:
                 comp = st.comp.rows  # [n, hd]
-                vis = np.arange(n)[None, :] < thr[:, None]
-                bias = mx.array(np.where(vis, 0.0, -np.inf).astype(np.float32))
+                vis = mx.arange(n)[None, :] < mx.array(thr.astype(np.int32))[:, None]
+                bias = mx.where(vis, 0.0, -mx.inf)  # [S, n], built on the device
                 scores.append(
                     (q.reshape(s * h, hd) @ comp.T).reshape(s, h, n) * scale + bias[:, None]
                 )
@@ -443,16 +444,25 @@ class Model:
         qi = self._round_index(rope_tail(qi, cos, sin), ctx.official)  # [S, Hi, Di]
         wts = linear(x, w[p + "indexer.weights_proj.weight"]) * (di**-0.5 * hi**-0.5)  # [S, Hi]
         keys = st.index.rows  # [n, Di]
-        dots = mx.maximum((qi.reshape(s * hi, di) @ keys.T).reshape(s, hi, n), 0.0)
-        score = (dots * wts[:, :, None]).sum(axis=1)  # [S, n]
-        vis = np.arange(n)[None, :] < thr[:, None]
-        score = mx.where(mx.array(vis), score, -mx.inf)
+        qf = qi.reshape(s * hi, di)
+        # Score in tiles of rows so the [S, Hi, tile] intermediate stays ≤ ~64M floats (a
+        # 2048-token chunk at 1M context would otherwise materialise 2048·64·262144 values).
+        tile = max(1, _INDEX_TILE_ELEMS // (s * hi))
+        parts = []
+        for a in range(0, n, tile):
+            kt = keys[a : a + tile]
+            dots = mx.maximum((qf @ kt.T).reshape(s, hi, kt.shape[0]), 0.0)
+            parts.append((dots * wts[:, :, None]).sum(axis=1))  # [S, tile]
+        score = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)  # [S, n]
+        thr_mx = mx.array(thr.astype(np.int32))
+        vis = mx.arange(n)[None, :] < thr_mx[:, None]
+        score = mx.where(vis, score, -mx.inf)
         k = min(cfg.index_topk, n)
         if k == n:
             idx = mx.broadcast_to(mx.arange(n, dtype=mx.int32)[None], (s, n))
         else:
             idx = mx.argpartition(-score, kth=k - 1, axis=-1)[:, :k].astype(mx.int32)
-        valid = idx < mx.array(thr.astype(np.int32))[:, None]
+        valid = idx < thr_mx[:, None]
         return idx, valid
 
     # ------------------------------------------------------------------ MoE

@@ -146,3 +146,15 @@ def test_prefill_progress_and_cancel(dirs, toks):
     # The cancelled state is a valid prefix: finishing it gives the same logits.
     last = eng.prefill(st2, toks[32:50])
     np.testing.assert_allclose(np.array(last), np.array(st.logits), rtol=0, atol=1e-5)
+
+
+def test_indexer_row_tiling_is_exact(dirs, toks, monkeypatch):
+    """Scoring the index keys in tiles (bounded memory at long context) changes nothing."""
+    from ds4_agent.engine import model
+
+    d = dirs["window"]
+    ref = _one_shot(d, toks)
+    monkeypatch.setattr(model, "_INDEX_TILE_ELEMS", 64)  # tiles of a few rows
+    eng = tm.cached_engine(d, "exact")
+    out = eng.forward_all(eng.new_state(), toks, chunk_size=100)
+    assert tm.rel_err(out, ref) <= TOL
