@@ -70,6 +70,25 @@ def run_download(args: argparse.Namespace) -> int:
     )
     root = Path(args.dir).expanduser() if args.dir else mr.models_dir() / name
     fetch_dir, model_dir = root / "download", root / "mlx"
+    if what != "mtp" and not args.no_convert and _complete(model_dir, tier):
+        # Finished earlier (the source may be gone): nothing to fetch again.
+        reg = mr.load_registry()
+        if name not in reg.models:
+            mr.register_model(
+                mr.ModelEntry(
+                    name=name,
+                    path=str(model_dir),
+                    tier=tier,
+                    source=source,
+                    size_bytes=mr.dir_size(model_dir),
+                ),
+                make_default=True if args.default else None,
+            )
+        print(
+            f"{name} is already installed at {model_dir} "
+            f"(`ds4-agent model remove {name} --delete-files` to download it again)"
+        )
+        return 0
     try:
         plan = dl.plan_download(
             what, source, repo=args.repo, revision=args.revision, token=args.token
@@ -137,6 +156,17 @@ def run_download(args: argparse.Namespace) -> int:
         f"installed {name}: {tier} from {source}, {_gib(entry.size_bytes)} at {model_dir}{default}"
     )
     return 0
+
+
+def _complete(model_dir: Path, tier: str) -> bool:
+    from ds4_agent.engine.mlx_format import ConvertError, read_converted_config
+
+    if not (model_dir / "config.json").is_file():
+        return False
+    try:
+        return read_converted_config(model_dir)["ds4_mlx"].get("tier") == tier
+    except ConvertError:
+        return False
 
 
 def _convert(

@@ -72,8 +72,11 @@ def test_gguf_download_verify_convert_load(hub, tiny_q2, tmp_path, capsys):
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["ds4_mlx"]["tier"] == "q2"
     assert np.isfinite(_logits(model_dir)).all()
-    # A rerun re-verifies nothing it does not have to and converts nothing.
-    assert main(["model", "download", "q2", "--dir", str(root), "-q", "--keep-source"]) == 0
+    # A rerun finds the installed model and fetches nothing, though the source is gone.
+    hub.log.clear()
+    assert main(["model", "download", "q2", "--dir", str(root), "-q"]) == 0
+    assert "already installed" in capsys.readouterr().out
+    assert hub.log == []
     assert main(["model", "list"]) == 0
     assert "flash-q2" in capsys.readouterr().out
 
@@ -120,6 +123,10 @@ def test_interrupted_download_resumes_where_it_stopped(hub, tiny_q2, tmp_path):
     assert final.read_bytes() == big and not part.exists()
     ranges = [r["range"] for r in hub.requests("GET", "/resolve/")]
     assert ranges[-1] == f"bytes={have}-"  # continued, not restarted
+    # Once verified, a rerun neither fetches nor re-hashes (size + mtime remembered).
+    hub.log.clear()
+    assert main(["model", "download", "q2", "--dir", str(dest), "--no-convert", "-q"]) == 0
+    assert hub.requests("GET", "/resolve/") == []
 
 
 def test_corrupted_files_are_detected_and_deleted(hub, tiny_q2, tmp_path, capsys):

@@ -200,3 +200,25 @@ def test_peak_memory_does_not_grow_with_the_model_and_stays_under_the_bound(tmp_
     grow_big = big["peak"] - big["base"]
     assert grow_big <= grow_small * 1.5 + (32 << 20), (small, big)
     assert grow_big <= big["bound"], (big, "measured peak exceeds the stated bound")
+
+
+def test_interrupted_conversion_resumes_to_the_same_result(files, tmp_path):
+    whole = tmp_path / "whole"
+    convert_gguf(files["q2"], whole, "q2", shard_bytes=256 << 10)
+    part = tmp_path / "part"
+    seen = []
+
+    def stop_midway(name: str, done: int, total: int) -> None:
+        seen.append(name)
+        if len(seen) == 40:
+            raise KeyboardInterrupt  # as if the user pressed ^C mid-shard
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_gguf(files["q2"], part, "q2", shard_bytes=256 << 10, progress=stop_midway)
+    assert not (part / "config.json").exists()  # not marked complete
+    rep = convert_gguf(files["q2"], part, "q2", shard_bytes=256 << 10)
+    assert 0 < rep.shards_reused < rep.shards_total
+    names = sorted(p.name for p in whole.iterdir())
+    assert names == sorted(p.name for p in part.iterdir())
+    for n in names:
+        assert (whole / n).read_bytes() == (part / n).read_bytes(), n
