@@ -105,12 +105,13 @@ class BackgroundServer:
     def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0) -> None:
         import uvicorn
 
+        check_bind(host, server.config.api_key)
         self.server = server
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{self.port}"
         cfg = uvicorn.Config(
             server.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5
         )

@@ -65,6 +65,7 @@ def start_server(
     **kwargs: Any,
 ) -> BackgroundServer:
     engine, tok = load_stack(str(tokenizer_json))
+    host = kwargs.pop("host", "127.0.0.1")
     server = build_server(
         engine,
         tok,
@@ -75,7 +76,11 @@ def start_server(
         sampler_factory=(scripts or Scripts(tok)).factory,
         **kwargs,
     )
-    return BackgroundServer(server)
+    try:
+        return BackgroundServer(server, host=host)
+    except BaseException:
+        server.shutdown()
+        raise
 
 
 def dsml_call(name: str, params: list[tuple[str, str, bool]]) -> str:

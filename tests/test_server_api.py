@@ -457,8 +457,10 @@ def test_bad_requests_get_clear_errors(tokenizer_json: Path) -> None:
             )
 
 
-def test_api_key_is_required_when_set(tokenizer_json: Path, scripts: Scripts) -> None:
-    with start_server(tokenizer_json, None, scripts, api_key="s3cret") as srv:
+def test_api_key_is_required_off_loopback(tokenizer_json: Path, scripts: Scripts) -> None:
+    with pytest.raises(ValueError, match="without --api-key"):
+        start_server(tokenizer_json, None, scripts, host="0.0.0.0")
+    with start_server(tokenizer_json, None, scripts, api_key="s3cret", host="0.0.0.0") as srv:
         h = httpx.Client(base_url=srv.url, timeout=30)
         r = h.get("/v1/models")
         assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
