@@ -20,9 +20,17 @@ slots hold long runs of one value (zeros, -inf gates).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
+
+try:  # compiled inner loops; the numpy code below is the reference and the fallback
+    if os.environ.get("DS4_AGENT_CODEC") == "numpy":
+        raise ImportError("numpy codec requested")
+    from ds4_agent.sessions import codec_jit as _jit
+except ImportError:
+    _jit = None
 
 
 @dataclass(frozen=True)
@@ -172,8 +180,19 @@ def encode_rows(x: np.ndarray, fmt_name: str) -> EncodedRows:
     w = fmt.block
     nb = d // w
     blocks = x[:, : nb * w].reshape(n, nb, w)
-    codes, e8, ok = quantize_blocks(blocks, fmt)
-    bf_ok = _bf16_exact(blocks)  # [n, nb]
+    if _jit is not None:
+        codes = np.empty((n, nb, w), np.uint8)
+        e8 = np.empty((n, nb), np.uint8)
+        ok = np.empty((n, nb), np.bool_)
+        bf_ok = np.empty((n, nb), np.bool_)
+        fm, em = np.frexp(np.float64(fmt.max_value))
+        _jit.quantize_rows(
+            x, x.view(np.uint32), w, fmt.ebits, fmt.mbits, fmt.bias, fmt.max_code,
+            float(fm), int(em), _TABLES[fmt.name], _POW2, codes, e8, ok, bf_ok,
+        )  # fmt: skip
+    else:
+        codes, e8, ok = quantize_blocks(blocks, fmt)
+        bf_ok = _bf16_exact(blocks)  # [n, nb]
     modes = []
     for j in range(nb):
         n_bad = int(n - ok[:, j].sum())
@@ -206,25 +225,45 @@ def encode_rows(x: np.ndarray, fmt_name: str) -> EncodedRows:
     return EncodedRows(n, d, fmt_name, modes_s, parts)
 
 
+def backend() -> str:
+    return "numpy" if _jit is None else "numba"
+
+
 def decode_rows(enc: EncodedRows, out: np.ndarray | None = None) -> np.ndarray:
-    """Inverse of encode_rows, writing into `out` ([N, D] float32, may be a row slice)."""
+    """Inverse of encode_rows, writing into `out`.
+
+    `out` is [N, D] float32 (may be a row slice), or [L, M, D] with L·M = N: then encoded row
+    r lands in out[r // M, r % M], so one encoding can fill the same rows of L layers.
+    """
     n, d = enc.n, enc.d
     if out is None:
         out = np.empty((n, d), dtype=np.float32)
-    if out.shape != (n, d) or out.dtype != np.float32:
+    out3 = out if out.ndim == 3 else out[None]
+    nl, m = out3.shape[0], out3.shape[1]
+    if out3.ndim != 3 or nl * m != n or out3.shape[2] != d or out.dtype != np.float32:
         raise ValueError(f"decode target has shape {out.shape}, expected {(n, d)} float32")
     if enc.fmt == "f32":
-        out[...] = enc.parts["tail"].reshape(n, d)
+        out3[...] = enc.parts["tail"].reshape(nl, m, d)
         return out
     fmt = FORMATS[enc.fmt]
     w = fmt.block
     nb = len(enc.modes)
-    view = out[:, : nb * w].reshape(n, nb, w) if out.flags.c_contiguous else None
     groups: dict[str, list[int]] = {"q": [], "b": [], "f": []}
-    for j, m in enumerate(enc.modes):
-        groups[m].append(j)
+    for j, mode in enumerate(enc.modes):
+        groups[mode].append(j)
     for mode, cols in groups.items():
         if not cols:
+            continue
+        if mode == "q" and _jit is not None:
+            col_arr = np.asarray(cols, np.int64)
+            _jit.dequantize_rows(
+                enc.parts["q_codes"], enc.parts["q_e8"], col_arr, w,
+                fmt.nbits == 4, _TABLES[fmt.name], _POW2, out3,
+            )  # fmt: skip
+            if "x_idx" in enc.parts:  # raw exception blocks overwrite their places
+                idx = enc.parts["x_idx"].astype(np.int64)
+                chan = (col_arr[idx[:, 1]] * w)[:, None] + np.arange(w)
+                out3[(idx[:, 0] // m)[:, None], (idx[:, 0] % m)[:, None], chan] = enc.parts["x_val"]
             continue
         if mode == "q":
             codes = enc.parts["q_codes"]
@@ -238,14 +277,11 @@ def decode_rows(enc: EncodedRows, out: np.ndarray | None = None) -> np.ndarray:
             vals = (enc.parts["b"].astype(np.uint32) << 16).view(np.float32)
         else:
             vals = enc.parts["f"]
-        vals = vals.reshape(n, len(cols), w)
-        if view is not None and cols == list(range(cols[0], cols[-1] + 1)):
-            view[:, cols[0] : cols[-1] + 1, :] = vals
-        else:
-            for i, j in enumerate(cols):
-                out[:, j * w : (j + 1) * w] = vals[:, i, :]
+        vals = vals.reshape(nl, m, len(cols), w)
+        for i, j in enumerate(cols):
+            out3[:, :, j * w : (j + 1) * w] = vals[:, :, i, :]
     if nb * w < d:
-        out[:, nb * w :] = enc.parts["tail"].reshape(n, d - nb * w)
+        out3[:, :, nb * w :] = enc.parts["tail"].reshape(nl, m, d - nb * w)
     return out
 
 

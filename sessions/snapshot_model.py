@@ -32,11 +32,15 @@ class SegmentRef(BaseModel):
     nbytes: int
 
 
-class SegmentLayerMeta(BaseModel):
+class StackMeta(BaseModel):
+    """Rows of several layers stacked layer-major and encoded as one array: one decode call
+    fills the same row range of every layer in the stack."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
-    ratio: int
-    comp: EncMeta | None = None
-    index: EncMeta | None = None
+    prefix: str  # section name prefix
+    what: str  # "raw" | "comp" | "index"
+    layers: list[int]
+    enc: EncMeta
 
 
 class SegmentMeta(BaseModel):
@@ -48,18 +52,17 @@ class SegmentMeta(BaseModel):
     end: int
     prefix_hash: str
     content_hash: str
-    layers: list[SegmentLayerMeta]
+    ratios: list[int]
+    stacks: list[StackMeta]
 
 
 class SnapshotLayerMeta(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: str
     ratio: int
-    raw: EncMeta
+    raw_shape: list[int]
     comp_dim: int | None = None
     index_dim: int | None = None
-    tail_comp: EncMeta | None = None
-    tail_index: EncMeta | None = None
     frontiers: dict[str, ArrayMeta] = Field(default_factory=dict)
 
 
@@ -74,6 +77,7 @@ class SnapshotMeta(BaseModel):
     has_logits: bool
     segments: list[SegmentRef]
     layers: list[SnapshotLayerMeta]
+    stacks: list[StackMeta]  # raw windows and the rows after the last full segment
     mtp: dict[str, ArrayMeta] | None = None
 
 

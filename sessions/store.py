@@ -67,13 +67,13 @@ from ds4_agent.sessions.snapshot_model import (
     EncMeta,
     GcReport,
     RemovedSnapshot,
-    SegmentLayerMeta,
     SegmentMeta,
     SegmentRef,
     Sidecar,
     SnapshotLayerMeta,
     SnapshotMeta,
     SnapshotRef,
+    StackMeta,
     StoreUsage,
 )
 
@@ -218,7 +218,7 @@ class SnapshotStore:
         ex, fp, tokens, t, s = plan.export, plan.fingerprint, plan.tokens, plan.t, plan.s
         sid = snapshot_id(fp, tokens)
         kv_fmt = _KV_FMT.get(ex.numerics, "f32")
-        idx_fmt = _INDEX_FMT.get(ex.numerics, "f32")
+        fmts = {"raw": kv_fmt, "comp": kv_fmt, "index": _INDEX_FMT.get(ex.numerics, "f32")}
         nseg = t // s
         hasher = _prefix_hasher(fp, ex.numerics, s)
         seg_refs: list[SegmentRef] = []
@@ -234,11 +234,11 @@ class SnapshotStore:
                 if path.exists():
                     nbytes = path.stat().st_size
                 else:  # encode and write one at a time: memory stays at one segment
-                    chunks = _encode_segment(rows, ex, fp, s, k, phash, chash, kv_fmt, idx_fmt)
+                    chunks = _encode_segment(ex, fp, s, k, phash, chash, fmts)
                     nbytes = write_atomic(path, chunks, sync_dir=False)
                     written.append(path)
                 seg_refs.append(SegmentRef(name=name, start=k * s, end=(k + 1) * s, nbytes=nbytes))
-            snap_chunks = _encode_snapshot(ex, fp, sid, s, seg_refs, kv_fmt, idx_fmt)
+            snap_chunks = _encode_snapshot(ex, fp, sid, s, seg_refs, fmts)
             snap_bytes = sum(len(memoryview(c).cast("B")) for c in snap_chunks)
             if self.budget_bytes is not None:
                 need = snap_bytes + sum(r.nbytes for r in seg_refs)
@@ -326,22 +326,12 @@ class SnapshotStore:
         if s <= 0 or s % 128 or len(meta.segments) != t // s:
             raise _bad(path, f"it lists {len(meta.segments)} segments for {t} tokens")
 
-        # Allocate the full row arrays once; segments and the tail decode into slices.
-        comps: list[np.ndarray | None] = []
-        indexes: list[np.ndarray | None] = []
         for lm in meta.layers:
-            if lm.ratio > 0:
-                if lm.comp_dim is None or s % lm.ratio:
-                    raise _bad(path, f"layer with ratio {lm.ratio} lacks its row width")
-                comps.append(np.empty((t // lm.ratio, lm.comp_dim), dtype=np.float32))
-                indexes.append(
-                    np.empty((t // lm.ratio, lm.index_dim), dtype=np.float32)
-                    if lm.index_dim is not None
-                    else None
-                )
-            else:
-                comps.append(None)
-                indexes.append(None)
+            if lm.ratio < 0 or (lm.ratio > 0 and (lm.comp_dim is None or s % lm.ratio)):
+                raise _bad(path, f"a layer with ratio {lm.ratio} has no valid row layout")
+            if len(lm.raw_shape) != 2:
+                raise _bad(path, "a raw window shape is not 2-D")
+        arrays = _Arrays.allocate(meta.layers, t)
 
         hasher = _prefix_hasher(meta.fingerprint, meta.numerics, s)
         expected = []
@@ -356,7 +346,7 @@ class SnapshotStore:
 
         def one(job: tuple[int, SegmentRef, str]) -> None:
             k, sref, phash = job
-            self._load_segment(sref, phash, meta, comps, indexes, k * s, (k + 1) * s)
+            self._load_segment(sref, phash, meta, arrays, k * s, (k + 1) * s)
 
         if len(expected) > 1 and self.threads > 1:
             with ThreadPoolExecutor(self.threads) as pool:
@@ -365,24 +355,18 @@ class SnapshotStore:
             for job in expected:
                 one(job)
 
-        layers: list[LayerExport] = []
         base = (t // s) * s
+        _decode_stacks(c, meta.stacks, arrays, {"raw", "comp", "index"}, base, t, path)
+        layers: list[LayerExport] = []
         for i, lm in enumerate(meta.layers):
-            raw = _decode_part(c, f"{i}.raw", lm.raw)
-            comp, index = comps[i], indexes[i]
-            if lm.ratio > 0:
-                r0 = base // lm.ratio
-                _decode_into(c, f"{i}.tc", lm.tail_comp, comp[r0:], path)
-                if index is not None:
-                    _decode_into(c, f"{i}.ti", lm.tail_index, index[r0:], path)
             frontiers = {k: _read_array(c, f"{i}.f.{k}", am) for k, am in lm.frontiers.items()}
             layers.append(
                 LayerExport(
                     kind=lm.kind,
                     ratio=lm.ratio,
-                    raw=raw,
-                    comp=comp,
-                    index=index,
+                    raw=arrays.views["raw"][i],
+                    comp=arrays.views["comp"][i],
+                    index=arrays.views["index"][i],
                     frontiers=frontiers,
                 )
             )
@@ -399,7 +383,7 @@ class SnapshotStore:
             mtp=mtp,
         )
 
-    def _load_segment(self, sref, phash, meta: SnapshotMeta, comps, indexes, start, end) -> None:
+    def _load_segment(self, sref, phash, meta: SnapshotMeta, arrays: _Arrays, start, end) -> None:
         path = self._seg_path(sref.name)
         try:
             c = read_container(path, MAGIC_SEGMENT)
@@ -418,25 +402,19 @@ class SnapshotStore:
             sm.fingerprint != meta.fingerprint
             or (sm.start, sm.end) != (start, end)
             or sm.prefix_hash != phash
-            or len(sm.layers) != len(meta.layers)
+            or sm.ratios != [lm.ratio for lm in meta.layers]
             or not sref.name.endswith(sm.content_hash[:16])
         ):
             raise _bad(path, "its header does not match the snapshot that refers to it")
+        _decode_stacks(c, sm.stacks, arrays, {"comp", "index"}, start, end, path)
         rows = []
-        for i, (lm, slm) in enumerate(zip(meta.layers, sm.layers, strict=True)):
-            if slm.ratio != lm.ratio:
-                raise _bad(path, f"layer {i} has ratio {slm.ratio}, expected {lm.ratio}")
+        for i, lm in enumerate(meta.layers):
             if lm.ratio == 0:
                 rows.append((None, None))
                 continue
             r0, r1 = start // lm.ratio, end // lm.ratio
-            comp = comps[i][r0:r1]
-            _decode_into(c, f"{i}.c", slm.comp, comp, path)
-            index = None
-            if indexes[i] is not None:
-                index = indexes[i][r0:r1]
-                _decode_into(c, f"{i}.i", slm.index, index, path)
-            rows.append((comp, index))
+            index = arrays.views["index"][i]
+            rows.append((arrays.views["comp"][i][r0:r1], None if index is None else index[r0:r1]))
         if _content_hash(rows)[:16] != sref.name[-16:]:
             raise _bad(path, "decoded rows do not hash to the segment's name")
 
@@ -853,26 +831,124 @@ def _seg_rows(le: LayerExport, start: int, end: int) -> tuple[np.ndarray | None,
     return le.comp[r0:r1], (le.index[r0:r1] if le.index is not None else None)
 
 
-def _put_rows(sections: dict, prefix: str, enc: codec.EncodedRows) -> EncMeta:
-    for part, arr in enc.parts.items():
-        sections[f"{prefix}.{part}"] = arr
-    return EncMeta(**enc.meta())
+def _layer_keys(layers) -> dict[str, list]:
+    """Stacking keys per layer: layers with equal keys share one array (and one encoding).
+
+    `layers` holds (ratio, raw_shape, comp_dim, index_dim) per layer.
+    """
+    keys: dict[str, list] = {"raw": [], "comp": [], "index": []}
+    for ratio, raw_shape, comp_dim, index_dim in layers:
+        keys["raw"].append(tuple(raw_shape))
+        keys["comp"].append((ratio, comp_dim) if ratio > 0 and comp_dim is not None else None)
+        keys["index"].append((ratio, index_dim) if ratio > 0 and index_dim is not None else None)
+    return keys
 
 
-def _encode_segment(rows, ex: StateExport, fp, s, k, phash, chash, kv_fmt, idx_fmt) -> list:
+def _stack_groups(keys: list) -> list[tuple[tuple, list[int]]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    return list(groups.items())
+
+
+def _export_keys(ex: StateExport) -> dict[str, list]:
+    return _layer_keys(
+        [
+            (
+                le.ratio,
+                le.raw.shape,
+                None if le.comp is None else le.comp.shape[1],
+                None if le.index is None else le.index.shape[1],
+            )
+            for le in ex.layers
+        ]
+    )
+
+
+@dataclass
+class _Arrays:
+    """The decode targets: per kind, one [L, rows, D] float32 array per stack of layers, and
+    per layer a view into it (what the StateExport hands out)."""
+
+    stacks: dict[str, dict[tuple[int, ...], np.ndarray]]
+    views: dict[str, list[np.ndarray | None]]
+    ratio: list[int]
+
+    @classmethod
+    def allocate(cls, layers: list[SnapshotLayerMeta], t: int) -> _Arrays:
+        keys = _layer_keys([(lm.ratio, lm.raw_shape, lm.comp_dim, lm.index_dim) for lm in layers])
+        stacks: dict[str, dict[tuple[int, ...], np.ndarray]] = {}
+        views: dict[str, list[np.ndarray | None]] = {}
+        for what, per_layer in keys.items():
+            stacks[what] = {}
+            views[what] = [None] * len(layers)
+            for key, ids in _stack_groups(per_layer):
+                shape = key if what == "raw" else (t // key[0], key[1])
+                big = np.empty((len(ids), *shape), dtype=np.float32)
+                stacks[what][tuple(ids)] = big
+                for j, i in enumerate(ids):
+                    views[what][i] = big[j]
+        return cls(stacks, views, [lm.ratio for lm in layers])
+
+
+def _decode_stacks(
+    c: Container, stacks, arrays: _Arrays, kinds: set[str], start, end, path
+) -> None:
+    """Decode every stack of `kinds` into rows [start/ratio, end/ratio) of its target (all rows
+    for raw windows); each expected stack must appear exactly once."""
+    want = {(what, ids) for what in kinds for ids in arrays.stacks[what]}
+    seen = set()
+    for st in stacks:
+        ids = tuple(st.layers)
+        if st.what not in kinds or ids not in arrays.stacks[st.what] or (st.what, ids) in seen:
+            raise _bad(path, f"unexpected row stack {st.prefix!r}")
+        seen.add((st.what, ids))
+        big = arrays.stacks[st.what][ids]
+        if st.what == "raw":
+            target = big
+        else:
+            ratio = arrays.ratio[ids[0]]
+            target = big[:, start // ratio : end // ratio]
+        if (st.enc.n, st.enc.d) != (target.shape[0] * target.shape[1], target.shape[2]):
+            raise _bad(
+                path, f"{st.prefix}: {st.enc.n}×{st.enc.d} rows stored, expected {target.shape}"
+            )
+        codec.decode_rows(_enc_from(c, st.prefix, st.enc), target)
+    if seen != want:
+        raise _bad(path, "a row stack is missing")
+
+
+def _encode_stacks(
+    sections: dict,
+    ex: StateExport,
+    kinds: tuple[str, ...],
+    start: int,
+    end: int,
+    tag: str,
+    fmts: dict,
+) -> list[StackMeta]:
+    keys = _export_keys(ex)
+    out = []
+    for what in kinds:
+        for gi, (_, ids) in enumerate(_stack_groups(keys[what])):
+            parts = []
+            for i in ids:
+                le = ex.layers[i]
+                a = getattr(le, what)
+                parts.append(a if what == "raw" else a[start // le.ratio : end // le.ratio])
+            stacked = np.stack(parts).reshape(-1, parts[0].shape[-1])
+            enc = codec.encode_rows(stacked, fmts[what])
+            prefix = f"{tag}{what[0]}{gi}"
+            for part, arr in enc.parts.items():
+                sections[f"{prefix}.{part}"] = arr
+            out.append(StackMeta(prefix=prefix, what=what, layers=ids, enc=EncMeta(**enc.meta())))
+    return out
+
+
+def _encode_segment(ex: StateExport, fp, s, k, phash, chash, fmts: dict) -> list:
     sections: dict[str, np.ndarray] = {}
-    layers = []
-    for i, ((comp, index), le) in enumerate(zip(rows, ex.layers, strict=True)):
-        if le.ratio == 0:
-            layers.append(SegmentLayerMeta(ratio=0))
-            continue
-        cm = _put_rows(sections, f"{i}.c", codec.encode_rows(comp, kv_fmt))
-        im = (
-            _put_rows(sections, f"{i}.i", codec.encode_rows(index, idx_fmt))
-            if index is not None
-            else None
-        )
-        layers.append(SegmentLayerMeta(ratio=le.ratio, comp=cm, index=im))
+    stacks = _encode_stacks(sections, ex, ("comp", "index"), k * s, (k + 1) * s, "", fmts)
     meta = SegmentMeta(
         fingerprint=fp,
         numerics=ex.numerics,
@@ -881,7 +957,8 @@ def _encode_segment(rows, ex: StateExport, fp, s, k, phash, chash, kv_fmt, idx_f
         end=(k + 1) * s,
         prefix_hash=phash,
         content_hash=chash,
-        layers=layers,
+        ratios=[le.ratio for le in ex.layers],
+        stacks=stacks,
     )
     return encode_container(MAGIC_SEGMENT, "segment", meta.model_dump(), sections)
 
@@ -908,7 +985,7 @@ def _read_array(c: Container, name: str, am: ArrayMeta) -> np.ndarray:
     return np.array(a)
 
 
-def _encode_snapshot(ex: StateExport, fp, sid, s, seg_refs, kv_fmt, idx_fmt) -> list:
+def _encode_snapshot(ex: StateExport, fp, sid, s, seg_refs, fmts: dict) -> list:
     t = int(ex.n_tokens)
     sections: dict[str, np.ndarray] = {
         "tokens": np.ascontiguousarray(ex.tokens, dtype=np.int32).reshape(-1)
@@ -916,25 +993,22 @@ def _encode_snapshot(ex: StateExport, fp, sid, s, seg_refs, kv_fmt, idx_fmt) -> 
     if ex.logits is not None:
         sections["logits"] = np.ascontiguousarray(ex.logits)
     base = (t // s) * s
+    stacks = _encode_stacks(sections, ex, ("raw",), 0, t, "", fmts)
+    stacks += _encode_stacks(sections, ex, ("comp", "index"), base, t, "t", fmts)
     layers = []
     for i, le in enumerate(ex.layers):
-        raw = _put_rows(sections, f"{i}.raw", codec.encode_rows(le.raw, kv_fmt))
-        lm: dict[str, Any] = {"kind": le.kind, "ratio": le.ratio, "raw": raw}
-        if le.ratio > 0:
-            r0 = base // le.ratio
-            lm["comp_dim"] = int(le.comp.shape[1])
-            lm["tail_comp"] = _put_rows(
-                sections, f"{i}.tc", codec.encode_rows(le.comp[r0:], kv_fmt)
+        layers.append(
+            SnapshotLayerMeta(
+                kind=le.kind,
+                ratio=le.ratio,
+                raw_shape=list(le.raw.shape),
+                comp_dim=None if le.comp is None else int(le.comp.shape[1]),
+                index_dim=None if le.index is None else int(le.index.shape[1]),
+                frontiers={
+                    k: _put_array(sections, f"{i}.f.{k}", v) for k, v in le.frontiers.items()
+                },
             )
-            if le.index is not None:
-                lm["index_dim"] = int(le.index.shape[1])
-                lm["tail_index"] = _put_rows(
-                    sections, f"{i}.ti", codec.encode_rows(le.index[r0:], idx_fmt)
-                )
-        lm["frontiers"] = {
-            k: _put_array(sections, f"{i}.f.{k}", v) for k, v in le.frontiers.items()
-        }
-        layers.append(SnapshotLayerMeta(**lm))
+        )
     mtp = None
     if ex.mtp is not None:
         mtp = {k: _put_array(sections, f"mtp.{k}", v) for k, v in ex.mtp.items()}
@@ -948,6 +1022,7 @@ def _encode_snapshot(ex: StateExport, fp, sid, s, seg_refs, kv_fmt, idx_fmt) -> 
         has_logits=ex.logits is not None,
         segments=seg_refs,
         layers=layers,
+        stacks=stacks,
         mtp=mtp,
     )
     return encode_container(MAGIC_SNAPSHOT, "snapshot", meta.model_dump(), sections)
@@ -978,18 +1053,3 @@ def _enc_from(c: Container, prefix: str, em: EncMeta) -> codec.EncodedRows:
             raise _bad(c.path, f"{prefix}: exception list out of range")
         parts["x_idx"], parts["x_val"] = idx, val
     return codec.EncodedRows(em.n, em.d, em.fmt, em.modes, parts)
-
-
-def _decode_into(
-    c: Container, prefix: str, em: EncMeta | None, out: np.ndarray, path: Path
-) -> None:
-    if em is None or out is None or (em.n, em.d) != out.shape:
-        got = None if em is None else (em.n, em.d)
-        raise _bad(
-            path, f"{prefix}: {got} rows stored, expected {None if out is None else out.shape}"
-        )
-    codec.decode_rows(_enc_from(c, prefix, em), out)
-
-
-def _decode_part(c: Container, prefix: str, em: EncMeta) -> np.ndarray:
-    return codec.decode_rows(_enc_from(c, prefix, em))
