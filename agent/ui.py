@@ -69,7 +69,7 @@ def _key_bindings(ui: InteractiveUI) -> KeyBindings:
     def _send(event: Any) -> None:
         event.current_buffer.validate_and_handle()
 
-    @kb.add("escape", eager=True)
+    @kb.add("escape")
     def _esc(event: Any) -> None:
         if ui.busy:
             ui.interrupt("esc")

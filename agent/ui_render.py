@@ -2,8 +2,9 @@
 
 Finished lines go to scrollback as they complete, so native scrollback, search and copy keep
 working and nothing is ever redrawn full-screen (the flicker users complain about). Answers
-are rendered as Markdown block by block (a block ends at a blank line or a closing code
-fence); reasoning streams dimmed and can be collapsed to a one-line counter; tool calls are
+stream line by line as Markdown (a long paragraph is cut at word boundaries as it grows;
+fenced code is held until its closing fence, then syntax-highlighted); reasoning streams
+dimmed and can be collapsed to a one-line counter; tool calls are
 drawn when parsed (a shell command, a path, an edit as a highlighted diff); shell output shows
 its head and tail with the exit status.
 
@@ -39,8 +40,11 @@ def plain_output(stream: TextIO | None = None) -> bool:
 
 
 def make_console(stream: TextIO | None = None, width: int | None = None) -> Console:
-    stream = stream or sys.stdout
-    if plain_output(stream):
+    """A console for the agent's output. Without `stream` it writes to whatever `sys.stdout`
+    is at the time of each print, so output goes through prompt_toolkit's patch_stdout while
+    the prompt is live (text appears above the prompt instead of through it)."""
+    plain = plain_output(stream or sys.stdout)
+    if plain:
         return Console(
             file=stream,
             color_system=None,
@@ -101,6 +105,8 @@ class TerminalEvents(AgentEvents):
         self._think_line = ""
         self._think_tokens = 0
         self._in_fence = False
+        self._lang = ""
+        self._code: list[str] = []
         self.approver: Any = None  # set by the UI: asks the user about a tool call
 
     # -- the loop's events -----------------------------------------------------------------
@@ -125,7 +131,16 @@ class TerminalEvents(AgentEvents):
         self._end_reasoning()
         self.status.phase = "writing"
         self._md += delta
-        self._render_blocks(final=False)
+        while "\n" in self._md:
+            line, self._md = self._md.split("\n", 1)
+            self._line(line)
+        # A long paragraph streams too: cut it at a word boundary once it passes the width.
+        width = max(40, (self.con.width or 80) - 4)
+        if not self._in_fence and len(self._md) > width:
+            cut = self._md.rfind(" ", 0, width)
+            if cut > 0:
+                self._line(self._md[:cut])
+                self._md = self._md[cut + 1 :]
 
     def tool_call_streaming(self, name: str, partial_dsml: str) -> None:
         self._end_reasoning()
@@ -172,41 +187,43 @@ class TerminalEvents(AgentEvents):
         self._think_tokens = 0
 
     def _render_blocks(self, final: bool) -> None:
-        """Render complete Markdown blocks; keep the unfinished one for later."""
-        while True:
-            cut = _block_end(self._md)
-            if cut < 0:
-                break
-            block, self._md = self._md[:cut], self._md[cut:]
-            if block.strip():
-                self._print(Markdown(block.strip("\n")))
-        if final and self._md.strip():
-            self._print(Markdown(self._md.strip("\n")))
+        """End of the answer: print what is left of the last line (and an open fence)."""
+        if not final:
+            return
+        if self._md:
+            self._line(self._md)
             self._md = ""
-        elif final:
-            self._md = ""
+        if self._in_fence:
+            self._print(
+                Syntax(
+                    "\n".join(self._code),
+                    self._lang or "text",
+                    theme="ansi_dark",
+                    background_color="default",
+                )
+            )
+            self._in_fence, self._code = False, []
 
-
-def _block_end(text: str) -> int:
-    """End offset of the first complete Markdown block in `text`, or -1.
-
-    A block ends at a blank line outside a code fence, or right after a closing fence.
-    """
-    in_fence = False
-    pos = 0
-    for line in text.splitlines(keepends=True):
-        end = pos + len(line)
-        if not line.endswith("\n"):
-            return -1
+    def _line(self, line: str) -> None:
         stripped = line.strip()
         if stripped.startswith("```"):
-            if in_fence:
-                return end
-            in_fence = True
-        elif not in_fence and stripped == "" and pos > 0:
-            return end
-        pos = end
-    return -1
+            if self._in_fence:
+                code = "\n".join(self._code)
+                self._print(
+                    Syntax(
+                        code, self._lang or "text", theme="ansi_dark", background_color="default"
+                    )
+                )
+                self._in_fence, self._code = False, []
+            else:
+                self._in_fence, self._lang, self._code = True, stripped[3:].strip(), []
+            return
+        if self._in_fence:
+            self._code.append(line)
+        elif not stripped:
+            self._print(Text(""))
+        else:
+            self._print(Markdown(line))
 
 
 def render_call(call: ToolCall) -> Any:

@@ -20,11 +20,17 @@ from ds4_agent.agent.wiring import open_snapshot_store
 from ds4_agent.engine.sampling import ScriptedSampler
 
 
+def _kv():
+    store = open_snapshot_store()
+    assert store is not None, "the snapshot store failed to import or open"
+    return KVSnapshots(engine(), store)
+
+
 def main() -> int:
     tok_path, session, script_path, out_dir = sys.argv[1:5]
     tok = tokenizer(Path(tok_path))
     sampler = ScriptedSampler(json.loads(Path(script_path).read_text()), keep_logits=True)
-    rt = Runtime(engine(), tok, None, KVSnapshots(engine(), open_snapshot_store()), model_dir())
+    rt = Runtime(engine(), tok, None, _kv(), model_dir())
     args = _agent_parser().parse_args(["-p", "second", "-r", session, "--output-format", "json"])
     out = io.StringIO()
     code = run(args, runtime=rt, sampler=sampler, out=out, stdin=io.StringIO(""))

@@ -35,6 +35,12 @@ from pydantic import TypeAdapter
 pytestmark = pytest.mark.slow
 
 
+def _kv():
+    store = open_snapshot_store()
+    assert store is not None, "the snapshot store failed to import or open"
+    return KVSnapshots(engine(), store)
+
+
 def _needs_encoder():
     # The tool preamble in the system prompt comes from the official encoder.
     pytest.importorskip(
@@ -69,7 +75,7 @@ def headless(tok, argv, rounds, tools=False, stdin=""):
         engine=engine(),
         tokenizer=tok,
         tools=build_tools(os.getcwd(), mode=args.permission_mode) if tools else None,
-        kv=KVSnapshots(engine(), open_snapshot_store()),
+        kv=_kv(),
         model_dir=model_dir(),
     )
     out = io.StringIO()
