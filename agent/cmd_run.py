@@ -217,7 +217,7 @@ def run_headless(
         build_result,
         init_event,
     )
-    from ds4_agent.agent.runtime import StartInfo, autosave, start
+    from ds4_agent.agent.runtime import StartInfo, attach_compaction, autosave, start
 
     out = out or sys.stdout
     fmt = getattr(args, "output_format", "text")
@@ -225,6 +225,7 @@ def run_headless(
     stream = StreamWriter(out) if fmt == "stream-json" else None
     events = HeadlessEvents(session_id=session.meta.id, stream=stream)
     agent = make_agent(rt, session, loop_config(args, session), events, sampler)
+    attach_compaction(agent, rt.kv)
     info = StartInfo()
     turn = None
     error: str | None = None

@@ -68,11 +68,24 @@ def _show(args: argparse.Namespace) -> int:
 
 def _rm(args: argparse.Namespace) -> int:
     m = store_for().remove(args.session)
+    _unpin_snapshots(m.id)
     if args.format == "json":
         _out(json.dumps({"removed": meta_summary(m)}, ensure_ascii=False))
     else:
         _out(f"removed session {m.name} ({m.id[:8]})")
     return 0
+
+
+def _unpin_snapshots(session_id: str) -> None:
+    """The removed session no longer keeps its KV snapshots from eviction."""
+    try:
+        from ds4_agent.agent.wiring import open_snapshot_store
+
+        store = open_snapshot_store()
+        if store is not None:
+            store.unpin(None, session_id)
+    except Exception:  # noqa: BLE001 - the session is gone either way; gc cleans up later
+        pass
 
 
 def _rename(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from ds4_agent.agent.cmd_run import Runtime, loop_config, make_agent, system_pre
 from ds4_agent.agent.cmd_sessions import store_for
 from ds4_agent.agent.context import collect_facts, current_branch
 from ds4_agent.agent.loop import Agent, TurnResult
-from ds4_agent.agent.runtime import autosave, start
+from ds4_agent.agent.runtime import attach_compaction, autosave, start
 from ds4_agent.agent.ui_render import Status, TerminalEvents
 from ds4_agent.sessions.session import Session, SessionStore
 
@@ -56,7 +56,7 @@ class Controller:
             self.rt, session, loop_config(self.args, session), self.events, self.sampler
         )
         agent.pre_turn_notes = [self._facts_note]
-        agent.compactor = self._compact
+        attach_compaction(agent, self.rt.kv)
         self._last_facts = _last_facts(session)
         self.status.session = session.meta.name
         self.status.ctx_limit = agent.cfg.ctx_limit
@@ -136,14 +136,9 @@ class Controller:
         return f"[ds4-agent] {facts}"
 
     def _compact(self, agent: Agent, focus: str = "") -> Any:
-        from ds4_agent.agent.compaction import compact
-
         self.status.phase = "compacting"
-        r = compact(agent, self.rt.kv, focus=focus)
-        self.events.notice(
-            f"compacted {r.old_tokens} → {r.new_tokens} tokens (summary {r.summary_tokens}, "
-            f"recent turns {r.tail_tokens}); the previous transcript is kept as epoch {r.old_epoch}"
-        )
+        assert agent.compactor is not None
+        r = agent.compactor(agent, focus)
         self.status.ctx_used = r.new_tokens
         return r
 

@@ -72,10 +72,12 @@ class AgentEvents:
     approve: Callable[[Any, Any], bool] | None = None
 
 
-def sample_token(sampler: Any, logits: Any) -> int:
-    """The engine's samplers expose `sample(logits)`; plain callables work too."""
+def sample_token(sampler: Any, logits: Any, greedy: bool = False) -> int:
+    """The engine's samplers expose `sample(logits, greedy=…)`; plain callables work too."""
     fn = getattr(sampler, "sample", None)
-    return int(fn(logits) if fn is not None else sampler(logits))
+    if fn is None:
+        return int(sampler(logits))
+    return int(fn(logits, greedy=True)) if greedy else int(fn(logits))
 
 
 @dataclass
@@ -340,6 +342,7 @@ class Agent:
                 return self._finish(res, stats, "interrupted")
             res.prefill_tokens += stats.prefill_tokens
             res.decode_tokens += stats.decode_tokens
+            res.engine_s += stats.prefill_s + stats.decode_s
         raise AssertionError("unreachable")
 
     def _fits(self, extra: int) -> bool:
@@ -349,6 +352,7 @@ class Agent:
         res.status = status  # type: ignore[assignment]
         res.prefill_tokens += stats.prefill_tokens
         res.decode_tokens += stats.decode_tokens
+        res.engine_s += stats.prefill_s + stats.decode_s
         return res
 
     # -- decoding one assistant round ------------------------------------------------------
@@ -370,7 +374,9 @@ class Agent:
             if self.interrupt.is_set():
                 stop = "interrupt"
                 break
-            tok = sample_token(self.sampler, logits)
+            # Inside the DSML block's structure (tags, names, JSON punctuation) sample
+            # greedily: a typo there costs a whole retry round; payload text samples freely.
+            tok = sample_token(self.sampler, logits, greedy=parser.in_dsml_structure())
             sampled.append(tok)
             if tok == self.sp.eos:
                 stop = "eos"

@@ -105,6 +105,18 @@ class RoundParser:
     def answer(self) -> str:
         return self.text.strip()
 
+    def in_dsml_structure(self) -> bool:
+        """True while the model writes DSML structure rather than a string parameter value."""
+        if self.phase != "dsml":
+            return False
+        open_at = self.dsml.rfind(f"<{DSML}parameter ")
+        if open_at < 0 or self.dsml.find(f"</{DSML}parameter", open_at) >= 0:
+            return True  # between elements
+        header_end = self.dsml.find(">", open_at)
+        if header_end < 0:
+            return True  # still writing the parameter's header
+        return 'string="true"' not in self.dsml[open_at:header_end]
+
     def current_invoke(self) -> str | None:
         """Name of the tool being generated right now (for drawing calls as they stream)."""
         names = re.findall(rf'<{DSML}invoke name="([^"]*)"', self.dsml)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from ds4_agent.agent.context import find_instruction_files, instructions_text
 from ds4_agent.agent.kvstate import KVSnapshots
@@ -124,6 +125,21 @@ def _close_dangling_turn(agent: Agent) -> None:
         )
 
 
+def attach_compaction(agent: Agent, kv: KVSnapshots | None) -> None:
+    """Let the loop compact by itself when the context nears its limit."""
+    from ds4_agent.agent.compaction import compact
+
+    def run(a: Agent, focus: str = "") -> Any:
+        r = compact(a, kv, focus=focus)
+        a.events.notice(
+            f"compacted {r.old_tokens} → {r.new_tokens} tokens (summary {r.summary_tokens}, "
+            f"recent turns {r.tail_tokens}); the previous transcript is kept as epoch {r.old_epoch}"
+        )
+        return r
+
+    agent.compactor = run
+
+
 def autosave(agent: Agent, kv: KVSnapshots | None) -> None:
     """End of turn: metadata always; a snapshot when the state is level with the transcript."""
     s = agent.session
@@ -136,4 +152,4 @@ def autosave(agent: Agent, kv: KVSnapshots | None) -> None:
     s.save_meta()
 
 
-__all__ = ["Interrupted", "StartInfo", "autosave", "start", "system_text"]
+__all__ = ["Interrupted", "StartInfo", "attach_compaction", "autosave", "start", "system_text"]

@@ -81,7 +81,7 @@ def run_slash(shell: Shell, text: str) -> None:
 
 
 KEYS = """keys: Enter send · Alt+Enter or Ctrl+J newline · Esc or Ctrl+C interrupt ·
-      Ctrl+D exit (empty line) · Tab complete /commands and @paths · text typed while the
+      Ctrl+D exit (empty line) · Ctrl+O show/collapse reasoning · Tab complete /commands and @paths · text typed while the
       model works is queued and sent next · !cmd runs a shell command · @path attaches a file"""
 
 

@@ -82,6 +82,12 @@ def _key_bindings(ui: InteractiveUI) -> KeyBindings:
             event.current_buffer.reset()
             ui.say("(press Ctrl+D on an empty line to exit)")
 
+    @kb.add("c-o")
+    def _toggle_reasoning(event: Any) -> None:
+        ev = ui.ctrl.events
+        ev.show_reasoning = not ev.show_reasoning
+        ui.say(f"reasoning {'shown' if ev.show_reasoning else 'collapsed'} (Ctrl+O toggles)", "dim")
+
     @kb.add("c-d")
     def _ctrl_d(event: Any) -> None:
         if not event.current_buffer.text:

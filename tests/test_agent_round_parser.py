@@ -83,3 +83,19 @@ def test_agrees_with_golden_parse_cases():
         assert [c.arguments for c in got] == [json.loads(c["function"]["arguments"]) for c in calls]
         checked += 1
     assert checked >= 2
+
+
+def test_dsml_structure_versus_string_payload():
+    p = RoundParser(thinking=False)
+    states = []
+    for piece in [
+        "Answer.\n\n<｜DSML｜tool_calls>\n",
+        '<｜DSML｜invoke name="Bash">\n<｜DSML｜parameter name="command" string="true">',
+        "ls -la",
+        '</｜DSML｜parameter>\n<｜DSML｜parameter name="timeout" string="false">',
+        "30",
+    ]:
+        p.feed(piece)
+        states.append(p.in_dsml_structure())
+    assert states == [True, False, False, True, True]
+    assert not RoundParser(thinking=False).in_dsml_structure()  # plain text: free sampling
