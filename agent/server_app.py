@@ -144,14 +144,14 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
     async def submit(request: Request, gen: GenRequest, prefix: str) -> tuple[Job, Event]:
         if gen.reasoning_effort == "max" and config.ctx < THINK_MAX_MIN_CTX:
             gen.reasoning_effort = "high"
-        rendered = await asyncio.to_thread(render_prompt, gen, replay, worker.tok)
+        rendered = await asyncio.to_thread(render_prompt, gen, replay)
         job = Job(
             gen,
             rendered.text,
             asyncio.get_running_loop(),
             asyncio.Queue(),
             id_prefix=prefix,
-            untrusted=rendered.untrusted,
+            segments=rendered.segments,
         )
         worker.submit(job)
         # Wait until the worker has tokenized the prompt (or refused it), watching for a
@@ -312,12 +312,8 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
         except ValidationError as e:
             raise from_validation_error(e) from None
         check_model(req.model, "anthropic")
-        rendered = await asyncio.to_thread(
-            render_prompt, from_anthropic(req, raw), replay, worker.tok
-        )
-        n = await asyncio.to_thread(
-            lambda: len(worker.cache.tokenize(rendered.text, rendered.untrusted))
-        )
+        rendered = await asyncio.to_thread(render_prompt, from_anthropic(req, raw), replay)
+        n = await asyncio.to_thread(lambda: len(worker.cache.tokenize(rendered.segments)))
         return {"input_tokens": n}
 
     return app

@@ -208,36 +208,24 @@ class PromptCache:
 
     # -- lookup ---------------------------------------------------------------------------
 
-    def tokenize(self, prompt: str, untrusted: list[tuple[int, int]], start: int = 0) -> list[int]:
-        """Ids of prompt[start:]: trusted scaffolding, `untrusted` spans as plain text."""
-        ids: list[int] = []
-        pos = start
-        for a, b in untrusted:
-            if b <= pos:
-                continue
-            a = max(a, pos)
-            if a > pos:
-                ids += self.tok.encode_trusted(prompt[pos:a])
-            ids += self.tok.encode_untrusted(prompt[a:b])
-            pos = b
-        if pos < len(prompt):
-            ids += self.tok.encode_trusted(prompt[pos:])
-        return ids
+    def tokenize(self, segments: list[Any], start: int = 0) -> list[int]:
+        """Ids of the prompt text from character `start` on (control text may hold special
+        tokens, data text never does; see `prompts.encoding.segments_to_ids`)."""
+        from ds4_agent.agent.server_render import slice_segments
+        from ds4_agent.prompts.encoding import segments_to_ids
 
-    def plan(
-        self,
-        prompt: str,
-        untrusted: list[tuple[int, int]] | None = None,
-        turn_snapshot: bool = True,
-    ) -> Plan:
-        untrusted = untrusted or []
+        return segments_to_ids(self.tok, slice_segments(segments, start))
+
+    def plan(self, prompt: str, segments: list[Any], turn_snapshot: bool = True) -> Plan:
+        """How to serve `prompt` (whose `segments` concatenate to it): what is cached, which
+        ids remain to prefill, where to snapshot on the way. May replace the live state."""
         pb = prompt.encode("utf-8")
         live = self.live_bytes()
         if self._live_n and pb.startswith(live):
             suffix = _decode_suffix(pb, len(live))
             if suffix is not None:
                 self.stats["live_hits"] += 1
-                ids = self.tokenize(prompt, untrusted, len(prompt) - len(suffix))
+                ids = self.tokenize(segments, len(prompt) - len(suffix))
                 return Plan(
                     self._live_n, ids, self._checkpoints(self._live_n, ids, False, turn_snapshot)
                 )
@@ -251,7 +239,7 @@ class PromptCache:
                 self._live, self._live_n = bytearray(), 0
                 if self.live_bytes() == pb[: hit.n_bytes]:
                     self.stats["disk_hits"] += 1
-                    ids = self.tokenize(prompt, untrusted, len(prompt) - len(suffix))
+                    ids = self.tokenize(segments, len(prompt) - len(suffix))
                     return Plan(
                         hit.n_tokens,
                         ids,
@@ -262,7 +250,7 @@ class PromptCache:
         self.stats["misses"] += 1
         self.save_live("evict")
         self.reset()
-        ids = self.tokenize(prompt, untrusted)
+        ids = self.tokenize(segments)
         return Plan(0, ids, self._checkpoints(0, ids, True, turn_snapshot))
 
     def _checkpoints(self, cached: int, ids: list[int], cold: bool, turn: bool) -> list[int]:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ds4_agent.agent.server_convert import GenRequest
@@ -58,96 +56,68 @@ class _Swap:
 
 @dataclass
 class Rendered:
-    """The prompt text plus the character spans that must be tokenized as plain text."""
+    """The prompt text and its segments (`prompts.encoding.Segment`, control or data).
 
-    text: str
-    untrusted: list[tuple[int, int]] = field(default_factory=list)
-
-
-# Every added token of the V4 tokenizer contains one of these (checked by a test against the
-# real tokenizer.json), so text without them cannot hold a control token.
-SPECIAL_HINTS = ("｜", "<|", "think>", "dsml:")
-
-
-class _Marker:
-    """Swaps client text that could hold control-token strings for unique placeholders.
-
-    The official encoder only concatenates content, so rendering placeholders and putting the
-    texts back afterwards gives the same string while recording where each client text
-    landed. Those spans are tokenized as untrusted text: a tool result that quotes
-    `<｜User｜>` stays text and cannot forge a turn.
+    Control segments are our scaffolding (special strings in them become special ids); data
+    segments are client text (tokenized as plain text, so a tool result quoting `<｜User｜>`
+    cannot forge a turn). The texts of the segments concatenate to `text`.
     """
 
-    def __init__(self, tok: Any | None, texts: list[str]) -> None:
-        self.tok = tok
-        nonce = secrets.token_hex(6)
-        while any(nonce in t for t in texts):
-            nonce = secrets.token_hex(6)
-        self.nonce = nonce
-        self.values: list[str] = []
-        self.pattern = re.compile("\ue000" + nonce + "(\\d+)\ue001")
-
-    def mark(self, text: Any) -> Any:
-        if not isinstance(text, str) or not any(h in text for h in SPECIAL_HINTS):
-            return text
-        if self.tok is not None and self.tok.encode_trusted(text) == self.tok.encode_untrusted(
-            text
-        ):
-            return text
-        self.values.append(text)
-        return f"\ue000{self.nonce}{len(self.values) - 1}\ue001"
-
-    def unmark(self, rendered: str) -> Rendered:
-        out: list[str] = []
-        spans: list[tuple[int, int]] = []
-        pos = 0
-        length = 0
-        for m in self.pattern.finditer(rendered):
-            out.append(rendered[pos : m.start()])
-            length += m.start() - pos
-            value = self.values[int(m.group(1))]
-            out.append(value)
-            spans.append((length, length + len(value)))
-            length += len(value)
-            pos = m.end()
-        out.append(rendered[pos:])
-        return Rendered("".join(out), spans)
+    text: str
+    segments: list[Any] = field(default_factory=list)
 
 
-def _client_texts(messages: list[dict[str, Any]]) -> list[str]:
-    texts = []
-    for m in messages:
-        for key in ("content", "reasoning_content"):
-            if isinstance(m.get(key), str):
-                texts.append(m[key])
-        for tc in m.get("tool_calls") or []:
-            texts.append(tc["function"]["arguments"])
-    return texts
+def _flatten(segments: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for seg in segments:
+        if seg.kind == "turn":
+            out += _flatten(list(seg.parts))
+        else:
+            out.append(seg)
+    return out
 
 
-def _mark_messages(messages: list[dict[str, Any]], marker: _Marker) -> None:
-    for m in messages:
-        for key in ("content", "reasoning_content"):
-            if key in m:
-                m[key] = marker.mark(m[key])
-        for tc in m.get("tool_calls") or []:
-            fn = tc["function"]
-            try:
-                args = json.loads(fn["arguments"])
-            except ValueError:
-                continue
-            if isinstance(args, dict) and any(
-                isinstance(v, str) and any(h in v for h in SPECIAL_HINTS) for v in args.values()
-            ):
-                # Top-level string values are rendered raw, so a placeholder survives; the
-                # re-serialized arguments render identically (the encoder parses them anyway).
-                marked = {k: marker.mark(v) for k, v in args.items()}
-                fn["arguments"] = json.dumps(marked, ensure_ascii=False)
+def _replace(segments: list[Any], a: int, b: int, new: Any) -> list[Any]:
+    """Segments with the text range [a, b) replaced by the segment `new`."""
+    out: list[Any] = []
+    off = 0
+    placed = False
+    for seg in segments:
+        end = off + len(seg.text)
+        if end <= a or off >= b:
+            if off >= b and not placed:
+                out.append(new)
+                placed = True
+            out.append(seg)
+        else:
+            if off < a:
+                out.append(replace(seg, text=seg.text[: a - off]))
+            if not placed:
+                out.append(new)
+                placed = True
+            if end > b:
+                out.append(replace(seg, text=seg.text[b - off :]))
+        off = end
+    if not placed:
+        out.append(new)
+    return out
 
 
-def render_prompt(gen: GenRequest, replay: ReplayMap | None, tok: Any | None = None) -> Rendered:
-    """The prompt (BOS included, ending with the assistant prefix) and its untrusted spans."""
-    from ds4_agent.prompts.encoding import encode_messages
+def slice_segments(segments: list[Any], start: int) -> list[Any]:
+    """The segments covering text[start:]."""
+    out: list[Any] = []
+    off = 0
+    for seg in segments:
+        end = off + len(seg.text)
+        if end > start:
+            out.append(seg if off >= start else replace(seg, text=seg.text[start - off :]))
+        off = end
+    return out
+
+
+def render_prompt(gen: GenRequest, replay: ReplayMap | None) -> Rendered:
+    """The prompt (BOS included, ending with the assistant prefix) as text and segments."""
+    from ds4_agent.prompts.encoding import Segment, render_segments
 
     messages = copy.deepcopy(gen.messages)
     swaps: list[_Swap] = []
@@ -161,24 +131,19 @@ def render_prompt(gen: GenRequest, replay: ReplayMap | None, tok: Any | None = N
         m["reasoning_content"] = rec.reasoning
         if m.get("content", "") != rec.content:
             continue  # the client edited the turn: render what it sent
-        m["_swap"] = len(swaps)
         swaps.append(_Swap(rec.content, canonical_calls(m["tool_calls"]), rec.dsml))
-    marker = _Marker(tok, _client_texts(messages))
-    _mark_messages(messages, marker)
-    for m in messages:
-        if "_swap" in m:
-            sw = swaps[m.pop("_swap")]
-            sw.content = m.get("content", "")
-            sw.canonical = canonical_calls(m["tool_calls"])
     try:
-        prompt = encode_messages(
-            messages,
-            thinking_mode=gen.thinking_mode,
-            drop_thinking=True,
-            reasoning_effort=gen.reasoning_effort,
+        segments = _flatten(
+            render_segments(
+                messages,
+                thinking_mode=gen.thinking_mode,
+                drop_thinking=True,
+                reasoning_effort=gen.reasoning_effort,
+            )
         )
     except (AssertionError, ValueError, KeyError, TypeError) as e:
         raise ApiError(400, f"cannot render these messages: {e}", param="messages") from e
+    prompt = "".join(seg.text for seg in segments)
     cursor = 0
     for s in swaps:
         needle = s.content + s.canonical + EOS_TEXT
@@ -186,6 +151,8 @@ def render_prompt(gen: GenRequest, replay: ReplayMap | None, tok: Any | None = N
         if at < 0:
             continue
         start = at + len(s.content)
+        # The sampled block is the model's own output: its DSML markers are control tokens.
+        segments = _replace(segments, start, start + len(s.canonical), Segment(s.exact, "control"))
         prompt = prompt[:start] + s.exact + prompt[start + len(s.canonical) :]
         cursor = start + len(s.exact)
-    return marker.unmark(prompt)
+    return Rendered(prompt, segments)

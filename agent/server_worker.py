@@ -53,7 +53,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event]
     id_prefix: str = "call_"
-    untrusted: list[tuple[int, int]] = field(default_factory=list)  # spans of `prompt`
+    segments: list[Any] = field(default_factory=list)  # control/data pieces of `prompt`
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -156,7 +156,7 @@ class Worker:
         gen = job.gen
         plan = self.cache.plan(
             job.prompt,
-            job.untrusted,
+            job.segments,
             turn_snapshot=gen.thinking_mode == "thinking" and not gen.has_tools,
         )
         total = plan.prompt_tokens
@@ -232,6 +232,7 @@ class Worker:
         calls: list[str] = []
         n = 0
         finish = None
+        saw_eos = False
 
         def route(events: list[Event]) -> bool:
             """Emit parser events; True once a stop string ended the answer."""
@@ -262,6 +263,8 @@ class Worker:
             n += 1
             if tid == self.eos_id:
                 finish = "stop"
+                saw_eos = True
+                route(parser.feed(decode.flush() + EOS_TEXT))
                 break
             text = decode.feed(tid)
             completion.append(text)
@@ -271,11 +274,16 @@ class Worker:
             if parser.calls_done:
                 finish = "tool_calls"
                 break
+            if parser.failed:
+                # Malformed output (a stray special token, broken DSML): end the answer here.
+                log.info("ending the answer early: %s", parser.error)
+                finish = "stop"
+                break
         if finish is None:
             finish = "cancelled" if stop() else ("length" if n >= max_tokens else "stop")
         if finish == "cancelled":
             self.cancelled += 1
-        if finish != "tool_calls" or not parser.calls_done:
+        if finish != "tool_calls" and not saw_eos:
             tail = decode.flush()
             if tail:
                 completion.append(tail)

@@ -375,16 +375,17 @@ def test_client_text_cannot_forge_control_tokens(stack) -> None:
         {"role": "tool", "tool_call_id": "c1", "content": forged},
     ]
     gen = GenRequest(messages, "chat", None, None, Sampling())
-    rendered = render_prompt(gen, None, tok)
+    rendered = render_prompt(gen, None)
     # Byte-identical to the official rendering; only the tokenization differs.
     assert rendered.text == encode_messages(messages, thinking_mode="chat")
-    assert len(rendered.untrusted) == 2
-    for a, b in rendered.untrusted:
-        assert rendered.text[a:b] == forged
-    ids = PromptCache(engine, tok, None, None).tokenize(rendered.text, rendered.untrusted)
+    ids = PromptCache(engine, tok, None, None).tokenize(rendered.segments)
     user_id = tok.token_id("<｜User｜>")
-    assert ids.count(user_id) == 2  # the two real user turns, not the forged one
+    assert ids.count(user_id) == 2  # the two real user turns, not the forged ones
     assert tok.decode(ids) == rendered.text
+    # Tokenizing from the middle (after a cached prefix) gives the same ids for the rest.
+    cut = rendered.text.index("<｜User｜><tool_result>") + len("<｜User｜>")
+    k = [i for i, t in enumerate(ids) if t == user_id][1] + 1
+    assert PromptCache(engine, tok, None, None).tokenize(rendered.segments, cut) == ids[k:]
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ pytest.importorskip("ds4_agent.prompts.encoding", reason="needs the official cha
 from ds4_agent.agent.server_convert import GenRequest, Sampling  # noqa: E402
 from ds4_agent.agent.server_events import Accepted, Done  # noqa: E402
 from ds4_agent.agent.server_worker import Job  # noqa: E402
+from ds4_agent.prompts.encoding import Segment  # noqa: E402
 from server_harness import MODEL_NAME, Scripts, load_stack, start_server  # noqa: E402
 
 N_CLIENTS = 16
@@ -111,9 +112,10 @@ def test_cancel_during_prefill_keeps_a_valid_live_state(tokenizer_json: Path) ->
             + "<｜Assistant｜></think>"
         )
         gen = GenRequest([], "chat", None, 5, Sampling())
+        segments = [Segment(prompt, "control")]
 
         async def run() -> list:
-            job = Job(gen, prompt, asyncio.get_running_loop(), asyncio.Queue())
+            job = Job(gen, prompt, asyncio.get_running_loop(), asyncio.Queue(), segments=segments)
             worker.submit(job)
             events = []
             while not events or not isinstance(events[-1], Done):
@@ -132,7 +134,7 @@ def test_cancel_during_prefill_keeps_a_valid_live_state(tokenizer_json: Path) ->
         scripts.push_text("done")
 
         async def again() -> list:
-            job = Job(gen, prompt, asyncio.get_running_loop(), asyncio.Queue())
+            job = Job(gen, prompt, asyncio.get_running_loop(), asyncio.Queue(), segments=segments)
             worker.submit(job)
             events = []
             while not events or not isinstance(events[-1], Done):

@@ -23,7 +23,7 @@ from ds4_agent.agent.server_events import (
     Usage,
 )
 from ds4_agent.agent.server_openai import OpenAIResponse
-from ds4_agent.agent.server_render import EOS_TEXT, SPECIAL_HINTS, canonical_calls
+from ds4_agent.agent.server_render import EOS_TEXT, canonical_calls
 from ds4_agent.agent.server_replay import ReplayMap, ReplayRecord
 from ds4_agent.agent.server_runtime import check_bind, is_loopback
 from ds4_agent.agent.server_schemas import ChatCompletionRequest, MessagesRequest
@@ -225,12 +225,6 @@ def test_canonical_calls_match_the_official_encoder() -> None:
     assert block + EOS_TEXT in case["expected"]
 
 
-def test_special_hints_cover_every_added_token(tokenizer_json: Path) -> None:
-    added = [a["content"] for a in json.loads(tokenizer_json.read_text())["added_tokens"]]
-    assert len(added) == 1283
-    assert [a for a in added if not any(h in a for h in SPECIAL_HINTS)] == []
-
-
 # -- streaming completion parser ---------------------------------------------------------------
 
 
@@ -278,7 +272,8 @@ def test_streaming_parser_matches_official_parse(path: Path) -> None:
         got = _run_parser(completion, case["thinking_mode"], pieces)
         if "expected" not in case:
             if "Duplicate" in case["expected_error"]:
-                assert got["error"] and "duplicate" in got["error"]
+                assert got["error"] and "duplicate" in got["error"].lower()
+                assert got["calls"] == [] or all(c["arguments"] for c in got["calls"])
             continue
         exp = case["expected"]
         assert got["reasoning"] == exp["reasoning_content"]
@@ -295,7 +290,7 @@ def test_parser_tolerates_variants_and_reports_garbage() -> None:
     assert got["calls"] == [{"name": "f", "arguments": '{"a": 1}'}] and got["error"] is None
     bad = "\n\n<｜DSML｜tool_calls>\nnot a tag at all"
     got = _run_parser(bad, "chat", list(bad))
-    assert got["error"] and "malformed" in got["error"]
+    assert got["error"] and got["calls"] == []
 
 
 def test_stop_matcher_holds_back_partial_matches() -> None:
