@@ -31,7 +31,7 @@ _CHILD = textwrap.dedent(
     from ds4_agent.sessions.snapshots import SnapshotStore
 
     job = json.loads(Path(sys.argv[1]).read_text())
-    store = SnapshotStore(Path(job["store"]), segment_tokens=128)
+    store = SnapshotStore(Path(job["store"]), segment_tokens=128, verify_decoded=True)
     for mode, sid in job["ids"].items():
         eng = Engine.load(job["model"], numerics=mode)
         export = store.load(sid, eng.fingerprint)
@@ -49,7 +49,7 @@ def test_resume_in_a_new_process_is_bit_identical(request, tmp_path):
     model = tm.build_tiny_model("flash", cache_root=tm.cache_root(request))
     ids = tm.random_tokens(T + CONTINUE, 512, seed=3)
     prompt, cont = ids[:T], ids[T:]
-    store = SnapshotStore(tmp_path / "store", segment_tokens=128)
+    store = SnapshotStore(tmp_path / "store", segment_tokens=128, verify_decoded=True)
     expected = {}
     snap_ids = {}
     for mode in MODES:

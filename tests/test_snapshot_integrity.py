@@ -36,7 +36,7 @@ IDS = np.random.default_rng(7).integers(2, CFG.vocab, 1300).astype(np.int32)
 
 @pytest.fixture
 def world(tmp_path):
-    store = SnapshotStore(tmp_path, segment_tokens=256)
+    store = SnapshotStore(tmp_path, segment_tokens=256, verify_decoded=True)
     a = store.save(synth_export(CFG, IDS[:600]), FP)
     before = {p.name for p in store.seg_dir.rglob("*.seg")}
     b = store.save(synth_export(CFG, IDS), FP)

@@ -36,7 +36,7 @@ def test_round_trip_is_bit_identical(tmp_path, numerics, t):
     store = SnapshotStore(tmp_path, segment_tokens=256)
     ref = store.save(ex, FP)
     assert ref.n_tokens == t
-    back = SnapshotStore(tmp_path, segment_tokens=256).load(ref.id, FP)
+    back = SnapshotStore(tmp_path, segment_tokens=256, verify_decoded=True).load(ref.id, FP)
     assert exports_equal(ex, back) is None
     assert len(seg_files(store)) == t // 256
 
@@ -258,3 +258,20 @@ def test_gc_command_reports_what_it_removed(tmp_path, capsys):
     assert args.func(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["removed"] == [] and report["budget_bytes"] is None
+
+
+def test_verify_decoded_catches_a_decoder_that_lies(tmp_path, monkeypatch):
+    from ds4_agent.sessions import codec
+
+    store = SnapshotStore(tmp_path, segment_tokens=128, verify_decoded=True)
+    ref = store.save(synth_export(CFG, toks(300)), FP)
+    real = codec.decode_rows
+
+    def off_by_one_ulp(enc, out=None):
+        res = real(enc, out)
+        res.view(np.uint32)[(0,) * res.ndim] ^= 1
+        return res
+
+    monkeypatch.setattr(codec, "decode_rows", off_by_one_ulp)
+    with pytest.raises(SnapshotError, match="do not hash"):
+        store.load(ref, FP)

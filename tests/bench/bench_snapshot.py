@@ -1,0 +1,246 @@
+"""Benchmark the KV snapshot store at real DeepSeek V4 Flash shapes (synthetic state).
+
+Prints, for T tokens (default 32,768): save time (cold store, every segment new), re-save time
+(nothing new), restore time, bytes per token on disk, and restore bandwidth next to a plain
+sequential read of the same files in the same run, both from the page cache ("warm") and with
+the files dropped from it first ("cold", posix_fadvise DONTNEED). Then the fork experiment
+(a 10k-token session forked twice, +1k tokens each) and, with --prefill N, the prefill time of
+the tiny CPU test engine (tests/tiny_model.py) for N tokens, scaled to T. Writes a CSV.
+
+    python tests/bench/bench_snapshot.py [--tokens 32768] [--csv bench_snapshot.csv] [--prefill 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from ds4_agent.sessions.snapshot_synth import SynthConfig, exports_equal, synth_export
+from ds4_agent.sessions.snapshots import SnapshotStore
+
+FP = "bench-fingerprint"
+
+
+def store_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".snap", ".seg"))
+
+
+def drop_cache(files: list[Path]) -> bool:
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def plain_read(files: list[Path]) -> int:
+    """Read every file start to end into a fresh buffer, like the store does, but decode nothing."""
+    total = 0
+    for p in files:
+        size = p.stat().st_size
+        buf = np.empty(size, dtype=np.uint8)
+        with open(p, "rb", buffering=0) as f:
+            view = memoryview(buf)
+            n = 0
+            while n < size:
+                n += f.readinto(view[n : n + (16 << 20)])
+        total += size
+    return total
+
+
+def best_of(fn, repeat: int) -> float:
+    return timed(fn, repeat)[0]
+
+
+def timed(fn, repeat: int) -> tuple[float, float]:
+    """Best wall time and the CPU time of that run (all threads of this process)."""
+    best = (float("inf"), 0.0)
+    for _ in range(repeat):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        best = min(best, (wall, cpu))
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--segment-tokens", type=int, default=1024)
+    ap.add_argument("--numerics", choices=["official", "exact"], default="official")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", help="where to put the store (default: a temp dir on the same disk)")
+    ap.add_argument("--csv", default="bench_snapshot.csv")
+    ap.add_argument("--prefill", type=int, default=0, metavar="N", help="also time the engine")
+    ap.add_argument("--no-fork", action="store_true")
+    args = ap.parse_args()
+
+    cfg = SynthConfig()
+    t = args.tokens
+    rows: list[tuple[str, float, str]] = []
+
+    def out(name: str, value: float, unit: str, note: str = "") -> None:
+        rows.append((name, value, unit))
+        print(f"{name:<38} {value:>12,.3f} {unit:<8} {note}")
+
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-snap-", dir="."))
+    root = base / "store"
+    try:
+        print(f"synthetic Flash state: {len(cfg.ratios)} layers, head_dim {cfg.head_dim}, T={t:,}")
+        ids = np.random.default_rng(0).integers(2, cfg.vocab, t).astype(np.int32)
+        ex = synth_export(cfg, ids, args.numerics)
+        store = SnapshotStore(root, segment_tokens=args.segment_tokens)
+
+        t0 = time.perf_counter()
+        ref = store.save(ex, FP)
+        out("save (all segments new)", time.perf_counter() - t0, "s")
+        out("re-save (nothing new)", best_of(lambda: store.save(ex, FP), args.repeat), "s")
+        usage = store.usage()
+        out("bytes on disk", usage.total_bytes / 2**20, "MiB", f"{usage.n_segments} segments")
+        out("bytes/token (all files)", usage.total_bytes / t, "B")
+        out(
+            "bytes/token (segments)",
+            usage.segment_bytes / (t // args.segment_tokens * args.segment_tokens),
+            "B",
+        )
+        out(
+            "fixed part (snapshot file)",
+            ref.bytes / 2**20,
+            "MiB",
+            "raw windows, frontiers, tail rows, logits",
+        )
+        f32 = sum(
+            le.raw.nbytes
+            + (le.comp.nbytes if le.comp is not None else 0)
+            + (le.index.nbytes if le.index is not None else 0)
+            for le in ex.layers
+        )
+        out("float32 rows (ds4-style)", f32 / t, "B/token")
+
+        back = store.load(ref, FP)
+        assert exports_equal(back, ex) is None, "round trip is not exact"
+        files = store_files(root)
+        nbytes = sum(p.stat().st_size for p in files)
+
+        warm_read, read_cpu = timed(lambda: plain_read(files), args.repeat)
+        warm_load, load_cpu = timed(lambda: store.load(ref, FP), args.repeat)
+        out(
+            "plain read, warm",
+            nbytes / warm_read / 1e9,
+            "GB/s",
+            f"{warm_read:.3f} s, CPU {read_cpu:.3f} s",
+        )
+        out(
+            "restore, warm",
+            nbytes / warm_load / 1e9,
+            "GB/s",
+            f"{warm_load:.3f} s, CPU {load_cpu:.3f} s",
+        )
+        out("restore/read bandwidth, warm", 100 * warm_read / warm_load, "%")
+        vstore = SnapshotStore(root, segment_tokens=args.segment_tokens, verify_decoded=True)
+        out(
+            "restore + re-hash decoded rows, warm",
+            best_of(lambda: vstore.load(ref, FP), args.repeat),
+            "s",
+        )
+        if drop_cache(files):
+            cold_read, _ = timed(lambda: (drop_cache(files), plain_read(files)), 1)
+            drop_cache(files)
+            cold_load, cold_cpu = timed(lambda: store.load(ref, FP), 1)
+            out("plain read, cold", nbytes / cold_read / 1e9, "GB/s", f"{cold_read:.3f} s")
+            out(
+                "restore, cold",
+                nbytes / cold_load / 1e9,
+                "GB/s",
+                f"{cold_load:.3f} s, CPU {cold_cpu:.3f} s",
+            )
+            out("restore/read bandwidth, cold", 100 * cold_read / cold_load, "%")
+        try:
+            load1 = os.getloadavg()[0]
+            out(
+                "load average (1 min)",
+                load1,
+                "",
+                f"on {os.cpu_count()} CPUs: wall times inflate above 1 per CPU",
+            )
+        except OSError:
+            pass
+
+        if not args.no_fork:
+            fork_root = base / "forks"
+            fs = SnapshotStore(fork_root, segment_tokens=args.segment_tokens)
+            b_ids = ids[:10_000] if t >= 10_000 else np.resize(ids, 10_000)
+            fs.save(synth_export(cfg, b_ids, args.numerics), FP)
+            u0 = fs.usage().total_bytes
+            for seed in (1, 2):
+                more = np.random.default_rng(seed).integers(2, cfg.vocab, 1000).astype(np.int32)
+                fs.save(synth_export(cfg, np.concatenate([b_ids, more]), args.numerics), FP)
+            u2 = fs.usage().total_bytes
+            out("fork: 10k-token session", u0 / 2**20, "MiB")
+            out("fork: growth for 2 forks +1k each", (u2 - u0) / 2**20, "MiB")
+            out(
+                "fork: two full copies would add",
+                2 * u0 / 2**20 * 1.1,
+                "MiB",
+                "(≈ 2 × 11k-token snapshot)",
+            )
+
+        if args.prefill:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+            import tiny_model as tm
+            from ds4_agent.engine.generate import Engine
+
+            model = tm.build_tiny_model("flash")
+            eng = Engine.load(model, numerics=args.numerics)
+            toks = tm.random_tokens(args.prefill, 512, seed=1)
+            eng.prefill(eng.new_state(), toks[:64])  # warm up kernels
+            state = eng.new_state()
+            t0 = time.perf_counter()
+            eng.prefill(state, toks, chunk_size=256)
+            dt = time.perf_counter() - t0
+            out(
+                f"prefill tiny engine, {args.prefill} tok",
+                dt,
+                "s",
+                f"{args.prefill / dt:.1f} tok/s",
+            )
+            out(
+                "prefill scaled to T (linear)",
+                dt * t / args.prefill,
+                "s",
+                "lower bound: attention grows",
+            )
+            st2 = SnapshotStore(base / "engine", segment_tokens=128)
+            eref = st2.save(state.export(), eng.fingerprint)
+            out(
+                "tiny engine state restore",
+                best_of(lambda: eng.import_state(st2.load(eref, eng.fingerprint)), args.repeat),
+                "s",
+            )
+    finally:
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+
+    with open(args.csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["metric", "value", "unit", "tokens"])
+        for name, value, unit in rows:
+            w.writerow([name, f"{value:.6g}", unit, t])
+    print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
