@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -46,7 +47,12 @@ def find_rg() -> str | None:
     override = os.environ.get("DS4_AGENT_RG")
     if override is not None:
         return override or None  # empty string forces the Python fallback
-    candidates = [Path(sys.executable).parent / "rg", Path(sys.prefix) / "bin" / "rg"]
+    # The wheel installs rg into the environment's scripts directory.
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "rg",
+        Path(sys.executable).parent / "rg",
+        Path(sys.prefix) / "bin" / "rg",
+    ]
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
             return str(c)
