@@ -132,3 +132,8 @@ def test_glob_newest_first(h):
     os.utime(h.root / "src/app.py", (now - 100, now - 100))
     os.utime(h.root / "src/util/helpers.py", (now, now))
     assert h.ok("Glob", pattern="*.py").split("\n") == ["src/util/helpers.py", "src/app.py"]
+
+
+def test_explicit_ignored_directory_is_searched(h):
+    assert h.ok("Grep", pattern="Hello", path="build").split("\n")[1:] == ["build/out.py"]
+    assert h.ok("Glob", pattern="*.py", path="build") == "build/out.py"

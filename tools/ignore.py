@@ -64,7 +64,24 @@ def walk_files(root: Path, start: Path) -> Iterator[Path]:
     if start.is_file():
         yield start
         return
+    # Like rg, a directory named explicitly is searched even when an ignore file excludes it:
+    # drop the patterns that match the start directory itself or one of its parents.
+    specs = [(base, _without_patterns_matching(spec, base, start)) for base, spec in specs]
     yield from _walk(start, specs)
+
+
+def _without_patterns_matching(
+    spec: pathspec.GitIgnoreSpec, base: Path, start: Path
+) -> pathspec.GitIgnoreSpec:
+    try:
+        rel = start.relative_to(base)
+    except ValueError:
+        return spec
+    if not rel.parts:
+        return spec
+    dirs = ["/".join(rel.parts[: k + 1]) + "/" for k in range(len(rel.parts))]
+    kept = [p for p in spec.patterns if not (p.include and any(p.match_file(d) for d in dirs))]
+    return spec if len(kept) == len(spec.patterns) else pathspec.GitIgnoreSpec(kept)
 
 
 def _walk(directory: Path, specs: list[Spec]) -> Iterator[Path]:
