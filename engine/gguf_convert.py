@@ -13,6 +13,7 @@ MLX weights against the GGUF's own dequantized values, and the max absolute erro
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -205,15 +206,13 @@ def flash_gguf_sizes(variant: str, tier: str, requant_group: int = REQUANT_GROUP
     Shapes come from the published Flash tensor list (no data read). The MTP block lives in a
     separate GGUF file, so it is left out of both figures.
     """
-    from ds4_agent.engine import convert as cv
-    from ds4_agent.engine.convert_sizes import flash_entries
     from ds4_agent.engine.gguf_source import SourceTensor
     from ds4_agent.engine.mlx_format import PlannedTensor, stored_bytes
 
     gguf_bytes = mlx_bytes = 0
     plan = []
     sources: dict[str, tuple[str, TargetSpec]] = {}
-    for t in cv.source_tensors(flash_entries()):
+    for t in _flash_tensors():
         if t.name.startswith("mtp."):
             continue
         qtype = _flash_type(t, variant)
@@ -229,6 +228,14 @@ def flash_gguf_sizes(variant: str, tier: str, requant_group: int = REQUANT_GROUP
         plan.append(PlannedTensor(t.name, t.shape, fmt, tensor_class(t.name)))
         sources[t.name] = (qtype, target)
     return {"gguf": gguf_bytes, "mlx": mlx_bytes, "peak_ram": peak_ram_bound(plan, sources)}
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_tensors() -> tuple[Any, ...]:
+    from ds4_agent.engine import convert as cv
+    from ds4_agent.engine.convert_sizes import flash_entries
+
+    return tuple(cv.source_tensors(flash_entries()))
 
 
 def _flash_type(t: Any, variant: str) -> str:
