@@ -202,6 +202,13 @@ def from_openai(
                 param="tool_choice.function.name",
             )
     _attach_tools(msgs, tools)
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type") not in (None, "text"):
+        # The official encoder states the schema in the system message (not enforced by
+        # constrained decoding here).
+        if not msgs or msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": ""})
+        msgs[0]["response_format"] = raw.get("response_format", fmt)
 
     mode, effort = _openai_thinking(req, default_thinking)
     gen = GenRequest(

@@ -98,6 +98,7 @@ class ChatCompletionRequest(_Loose):
     reasoning_effort: str | None = None
     thinking: ThinkingSwitch | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------

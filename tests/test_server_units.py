@@ -73,6 +73,9 @@ def test_openai_tools_attach_to_system_and_thinking_switches() -> None:
     ):
         raw2 = {**raw, "reasoning_effort": None, **off}
         assert from_openai(_oai(raw2), raw2).thinking_mode == "chat"
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    raw4 = {**raw, "response_format": fmt}
+    assert from_openai(_oai(raw4), raw4).messages[0]["response_format"] == fmt
     raw3 = {**raw, "tool_choice": "none"}
     assert "tools" not in from_openai(_oai(raw3), raw3).messages[0]
 
