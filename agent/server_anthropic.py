@@ -186,6 +186,8 @@ class AnthropicResponse:
         content = []
         for i, b in enumerate(self.blocks):
             if b["type"] == "tool_use":
+                if done.finish_reason != "tool_calls":
+                    continue  # an unfinished call block is not executable
                 try:
                     parsed = json.loads(self._tool_json.get(i) or "{}")
                 except ValueError:

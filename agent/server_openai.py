@@ -127,14 +127,16 @@ class OpenAIResponse:
 
     def body(self) -> dict[str, Any]:
         done = self.done or Done("stop")
+        # Calls of a turn that did not end in a complete tool-call block are not executable.
+        calls = self.calls if done.finish_reason == "tool_calls" else []
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": "".join(self.content) if (self.content or not self.calls) else None,
+            "content": "".join(self.content) if (self.content or not calls) else None,
         }
         if self.reasoning:
             message["reasoning_content"] = "".join(self.reasoning)
-        if self.calls:
-            message["tool_calls"] = self.calls
+        if calls:
+            message["tool_calls"] = calls
         return {
             "id": self.id,
             "object": "chat.completion",

@@ -428,7 +428,10 @@ class ResponsesResponse:
         return "incomplete" if self.done and self.done.finish_reason == "length" else "completed"
 
     def body(self) -> dict[str, Any]:
+        self.done = self.done or Done("stop", Usage())
+        if self.done.finish_reason != "tool_calls":
+            # An unfinished call block is not executable.
+            self.output = [o for o in self.output if o["type"] != "function_call"]
         for item in self.output:
             item["status"] = "completed"
-        self.done = self.done or Done("stop", Usage())
         return self._snapshot(self.status())

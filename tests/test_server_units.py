@@ -419,3 +419,14 @@ def test_bind_rules() -> None:
     check_bind("0.0.0.0", "k")
     with pytest.raises(ValueError, match="--api-key"):
         check_bind("0.0.0.0", None)
+
+
+def test_unfinished_call_block_is_not_returned_as_a_call() -> None:
+    evs = [TextDelta("x"), ToolStart(0, "call_1", "f"), ToolArgs(0, '{"a": '), Done("stop")]
+    o, a = OpenAIResponse("m", "fp"), AnthropicResponse("m")
+    for ev in evs:
+        o.on(ev)
+        a.on(ev)
+    msg = o.body()["choices"][0]["message"]
+    assert "tool_calls" not in msg and msg["content"] == "x"
+    assert [b["type"] for b in a.body()["content"]] == ["text"]
