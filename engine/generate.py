@@ -47,6 +47,28 @@ def _load_weights(model_dir: Path) -> dict[str, Weight]:
     return weights
 
 
+def _upcast_dense(weights: dict[str, Weight]) -> dict[str, Weight]:
+    """bf16/f16 matrices → float32 once at load (a new dict; the caller's is untouched).
+
+    The forward pass runs activations in float32 (as the official reference runs its
+    compressors and head); multiplying by a bf16 matrix would materialise a float32 copy of it
+    on every call. The embedding table stays bf16 (only rows are gathered), and so do stacked
+    bf16 experts (their matmul casts the activations instead: doubling them would not fit).
+    """
+    out: dict[str, Weight] = {}
+    for name, w in weights.items():
+        if (
+            isinstance(w, mx.array)
+            and w.ndim == 2
+            and w.dtype in (mx.bfloat16, mx.float16)
+            and name != "embed.weight"
+        ):
+            w = w.astype(mx.float32)
+            mx.eval(w)
+        out[name] = w
+    return out
+
+
 def checkpoint_fingerprint(model_dir: Path, numerics: str) -> str:
     """Cheap content fingerprint: config, index, every shard's header (names, dtypes, shapes =
     the quantization scheme) and sampled data blocks, plus the numerics mode."""
@@ -80,7 +102,7 @@ class Engine:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
         self.config = config
         self.numerics = numerics
-        self.model = Model(config, weights, numerics)
+        self.model = Model(config, _upcast_dense(weights), numerics)
         self.fingerprint = (
             fingerprint
             or hashlib.sha256((config.model_dump_json() + numerics).encode()).hexdigest()[:32]

@@ -142,6 +142,7 @@ def _gather_linear(x: mx.array, w: Weight, idx: mx.array, sorted_idx: bool) -> m
             mode=w.mode,
             sorted_indices=sorted_idx,
         ).astype(mx.float32)
+    x = x.astype(w.dtype)  # float experts may be bf16 (kept so to fit): cast the activations
     return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_idx).astype(
         mx.float32
     )
