@@ -178,10 +178,12 @@ def _convert(
     console = Console(stderr=True, quiet=args.quiet)
     if source == "gguf":
         from ds4_agent.engine.gguf_convert import convert_gguf, planned_bytes
+        from ds4_agent.engine.gguf_source import GGUFSource
 
         gguf = next(p for p in paths if p.suffix == ".gguf")
-        _say(f"converting {gguf.name} → {tier}: {_gib(planned_bytes(gguf, tier))}")
-        _with_progress(console, lambda prog: convert_gguf(gguf, out, tier, progress=prog))
+        src = GGUFSource(gguf)
+        _say(f"converting {gguf.name} → {tier}: {_gib(planned_bytes(src, tier))}")
+        _with_progress(console, lambda prog: convert_gguf(src, out, tier, progress=prog))
         return
     from ds4_agent.engine import convert as cv
 

@@ -52,7 +52,7 @@ def gguf_plan(
 
 
 def convert_gguf(
-    path: str | Path,
+    path: str | Path | GGUFSource,
     out_dir: str | Path,
     tier: str,
     *,
@@ -66,7 +66,10 @@ def convert_gguf(
     import mlx.core as mx
     from ds4_agent.engine import mlx_format
 
-    src = GGUFSource(path)
+    # An open source can be passed in: opening parses all metadata (≈ 257k tokenizer
+    # strings in ds4's files), which takes seconds.
+    src = path if isinstance(path, GGUFSource) else GGUFSource(path)
+    path = src.path
     plan, targets = gguf_plan(src, tier, requant_group)
     stats: dict[str, dict[str, Any]] = {}
 
@@ -130,9 +133,12 @@ def convert_gguf(
     return report_
 
 
-def planned_bytes(path: str | Path, tier: str, requant_group: int = REQUANT_GROUP) -> int:
+def planned_bytes(
+    path: str | Path | GGUFSource, tier: str, requant_group: int = REQUANT_GROUP
+) -> int:
     """Output size of a tier from this file (shapes only, nothing is read)."""
-    plan, _ = gguf_plan(GGUFSource(path), tier, requant_group)
+    src = path if isinstance(path, GGUFSource) else GGUFSource(path)
+    plan, _ = gguf_plan(src, tier, requant_group)
     return sum(t.nbytes for t in plan)
 
 
