@@ -185,10 +185,10 @@ def encode_rows(x: np.ndarray, fmt_name: str) -> EncodedRows:
         e8 = np.empty((n, nb), np.uint8)
         ok = np.empty((n, nb), np.bool_)
         bf_ok = np.empty((n, nb), np.bool_)
-        fm, em = np.frexp(np.float64(fmt.max_value))
+        max_bits = int(np.float32(fmt.max_value).view(np.uint32))
         _jit.quantize_rows(
             x, x.view(np.uint32), w, fmt.ebits, fmt.mbits, fmt.bias, fmt.max_code,
-            float(fm), int(em), _TABLES[fmt.name], _POW2, codes, e8, ok, bf_ok,
+            max_bits, _TABLES[fmt.name], _POW2, codes, e8, ok, bf_ok,
         )  # fmt: skip
     else:
         codes, e8, ok = quantize_blocks(blocks, fmt)

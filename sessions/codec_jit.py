@@ -7,69 +7,78 @@ Kernels release the GIL (`nogil`), so the store decodes segments on several thre
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 
 
 @numba.njit(cache=True, nogil=True)
 def quantize_rows(
-    x, xbits, w, ebits, mbits, bias, max_code, max_f, max_e, table, pow2, codes, e8, ok, bf_ok
+    x, xbits, w, ebits, mbits, bias, max_code, max_bits, table, pow2, codes, e8, ok, bf_ok
 ):
     """Block-quantize float32 rows x [n, d] (xbits: its uint32 view) in column blocks of w.
 
-    Writes codes [n, nb, w] (unpacked), e8 [n, nb], ok [n, nb] (exact round trip) and
-    bf_ok [n, nb] (every value a bfloat16).
+    Pure integer work on the float32 bit patterns. Writes codes [n, nb, w] (unpacked), e8
+    [n, nb], ok [n, nb] (the block decodes back bit for bit; checked by decoding) and bf_ok
+    [n, nb] (every value is a bfloat16). `max_bits` is the float32 pattern of the largest code.
     """
     n = x.shape[0]
     nb = codes.shape[1]
-    sub_scale = 2.0 ** (bias - 1 + mbits)
-    min_normal = 2.0 ** (1 - bias)
     sign_shift = ebits + mbits
+    drop = 23 - mbits
+    max_e = (max_bits >> 23) - 127
+    max_m = max_bits & 0x7FFFFF
+    min_normal_e = 1 - bias  # unbiased exponent of the smallest normal code
     for i in range(n):
         for j in range(nb):
             base = j * w
-            amax = 0.0
-            finite = True
+            amax = np.uint32(0)
             bfo = True
             for k in range(w):
-                a = abs(np.float64(x[i, base + k]))
-                if not (a <= 3.5e38):
-                    finite = False
-                elif a > amax:
+                b = xbits[i, base + k]
+                a = b & np.uint32(0x7FFFFFFF)
+                if a > amax:
                     amax = a
-                if xbits[i, base + k] & 0xFFFF:
+                if b & np.uint32(0xFFFF):
                     bfo = False
             bf_ok[i, j] = bfo
-            if not finite:
+            ae = np.int64(amax >> 23)
+            if ae == 255 or (ae == 0 and amax != 0):  # NaN, inf or float32 subnormals: no
                 ok[i, j] = False
                 e8[i, j] = 127
                 for k in range(w):
                     codes[i, j, k] = 0
                 continue
             kk = 0
-            if amax > 0.0:
-                m, e = math.frexp(amax)
-                kk = e - max_e if m <= max_f else e - max_e + 1
+            if amax != 0:  # smallest k with amax <= max_value * 2^k
+                kk = (ae - 127) - max_e + (1 if (amax & 0x7FFFFF) > max_m else 0)
                 kk = min(max(kk, -127), 127)
             e8[i, j] = kk + 127
             scale = pow2[kk + 127]
             good = True
             for k in range(w):
-                v = x[i, base + k]
-                neg = xbits[i, base + k] >> 31
-                s = abs(math.ldexp(np.float64(v), -kk))
-                if s >= min_normal:
-                    m, e = math.frexp(s)
-                    mag = ((e - 1 + bias) << mbits) | int((2.0 * m - 1.0) * (1 << mbits))
-                else:
-                    mag = int(round(s * sub_scale))
-                mag = min(max(mag, 0), max_code)
+                b = xbits[i, base + k]
+                neg = np.int64(b >> 31)
+                a = b & np.uint32(0x7FFFFFFF)
+                mag = 0
+                if a != 0:
+                    ve = np.int64(a >> 23)
+                    if ve == 0:
+                        good = False
+                    else:
+                        se = ve - 127 - kk  # exponent after scaling by 2^-k
+                        sig = np.int64(a & 0x7FFFFF) | 0x800000
+                        if se >= min_normal_e:
+                            mag = ((se + bias) << mbits) | ((sig & 0x7FFFFF) >> drop)
+                        else:  # a subnormal code: sig · 2^(se − 23) in units of 2^(min_normal_e − mbits)
+                            shift = drop + (min_normal_e - se)
+                            mag = sig >> shift if shift < 63 else 0
+                        if mag > max_code:
+                            mag = max_code
+                            good = False
                 code = mag | (neg << sign_shift)
                 codes[i, j, k] = code
                 dec = table[code] * scale
-                if dec != v or (dec == 0.0 and math.copysign(1.0, dec) != math.copysign(1.0, v)):
+                if dec != x[i, base + k] or (dec == 0.0 and (code >> sign_shift) != neg):
                     good = False
             ok[i, j] = good
 
