@@ -199,3 +199,9 @@ def test_background_job_cap(h, monkeypatch):
     h.ok("Bash", command="sleep 30", run_in_background=True)
     h.ok("Bash", command="sleep 30", run_in_background=True)
     assert "already running" in h.err("Bash", command="sleep 30", run_in_background=True)
+
+
+def test_output_tools_refuse_foreground_jobs(h):
+    h.ok("Bash", command="echo fg")
+    msg = h.err("BashOutput", bash_id="bash_1")
+    assert "foreground" in msg and "run_in_background" in msg

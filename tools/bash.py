@@ -159,8 +159,12 @@ def tool_bash(args: BashArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
 
 def _get_job(env: ToolEnv, job_id: str, tool: str) -> Job:
     job = env.jobs.jobs.get(job_id.strip())
+    if job is not None and not job.background:
+        raise ToolError(
+            f"{tool}: {job.id} ran in the foreground and its output was already returned; {tool} is for jobs started with run_in_background"
+        )
     if job is None:
-        known = ", ".join(env.jobs.jobs) or "none"
+        known = ", ".join(j.id for j in env.jobs.jobs.values() if j.background) or "none"
         raise ToolError(
             f"{tool}: no job with id '{job_id}' (known jobs: {known}); pass an id that Bash returned"
         )
