@@ -139,6 +139,7 @@ def tool_bash(args: BashArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
     job.finished.wait()
     text, truncated = render_output(env, job)
     env.jobs.release_output(job, keep=truncated)
+    job.head, job.tail = bytearray(), bytearray()  # returned; do not hold it for the session
     body = text if text.strip() else "(no output)"
     if not body.endswith("\n"):
         body += "\n"
