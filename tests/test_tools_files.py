@@ -215,3 +215,15 @@ def test_new_files_get_umask_permissions(h):
     finally:
         os.umask(old)
     assert os.stat(h.root / "perm.txt").st_mode & 0o777 == 0o640
+
+
+def test_write_keeps_crlf_of_existing_file(h):
+    h.write_file("win.txt", b"a\r\nb\r\n")
+    h.ok("Read", file_path="win.txt")
+    text = h.ok("Write", file_path="win.txt", content="x\ny\nz\n")
+    assert "kept the file's CRLF line endings" in text
+    assert (h.root / "win.txt").read_bytes() == b"x\r\ny\r\nz\r\n"
+    h.write_file("unix.txt", b"a\nb\n")
+    h.ok("Read", file_path="unix.txt")
+    h.ok("Write", file_path="unix.txt", content="x\n")
+    assert (h.root / "unix.txt").read_bytes() == b"x\n"

@@ -157,6 +157,11 @@ def _read_large(args: ReadArgs, env: ToolEnv, path: Path) -> ToolResult:
     return ToolResult(body + note)
 
 
+def _all_crlf(data: bytes) -> bool:
+    n = data.count(b"\n")
+    return n > 0 and data.count(b"\r\n") == n
+
+
 def tool_write(args: WriteArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
     ws = env.workspace
     path = ws.resolve(args.file_path, for_write=True)
@@ -166,7 +171,13 @@ def tool_write(args: WriteArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
     if path.exists():
         before = path.read_bytes()
         ws.check_fresh(path, before, "Write")
-    after = args.content.encode("utf-8")
+    content = args.content
+    note = ""
+    if before is not None and _all_crlf(before) and "\r" not in content and "\n" in content:
+        # A CRLF file rewritten from LF text would change every line in the diff.
+        content = content.replace("\n", "\r\n")
+        note = "; kept the file's CRLF line endings"
+    after = content.encode("utf-8")
     atomic_write(path, after)
     env.journal.record(ctx.turn, path, before, after, "Write")
     ws.note_read(path, after)
@@ -175,7 +186,7 @@ def tool_write(args: WriteArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
     )
     verb = "Created" if before is None else "Overwrote"
     return ToolResult(
-        f"{verb} {ws.display(path)} ({n_lines} lines, {len(after)} bytes)",
+        f"{verb} {ws.display(path)} ({n_lines} lines, {len(after)} bytes{note})",
         display={"kind": "write", "path": ws.display(path), "created": before is None},
     )
 
