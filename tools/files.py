@@ -95,7 +95,7 @@ def tool_read(args: ReadArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
     crlf = "\r\n" in text
     if crlf:
         notes.append(
-            "file uses CRLF line endings (not shown); Edit keeps them, write old_string/new_string with plain newlines"
+            "file uses CRLF line endings (not shown); Edit and Write keep them, so write plain newlines"
         )
     lines = text.split("\n")
     no_final_newline = lines[-1] != ""
