@@ -37,6 +37,7 @@ NONINTERACTIVE_ENV = {
 }
 
 FILE_CAP = 256 * 1024 * 1024  # bytes kept on disk per job; the rest is counted, not stored
+KEEP_BYTES = 512 * 1024 * 1024  # all kept foreground output files together
 
 
 def shell_argv(command: str) -> list[str]:
@@ -245,7 +246,14 @@ class JobManager:
                 job.out_path.unlink()
             return
         self._kept.append(job.out_path)
-        while len(self._kept) > self.keep_files:
+
+        def kept_bytes() -> int:
+            return sum(p.stat().st_size for p in self._kept if p.exists())
+
+        # Newest files win: at most keep_files of them and KEEP_BYTES on disk together.
+        while len(self._kept) > 1 and (
+            len(self._kept) > self.keep_files or kept_bytes() > KEEP_BYTES
+        ):
             old = self._kept.pop(0)
             with contextlib.suppress(OSError):
                 old.unlink()
