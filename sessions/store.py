@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -226,23 +227,34 @@ class SnapshotStore:
         fmts = {"raw": kv_fmt, "comp": kv_fmt, "index": _INDEX_FMT.get(ex.numerics, "f32")}
         nseg = t // s
         hasher = _prefix_hasher(fp, ex.numerics, s)
-        seg_refs: list[SegmentRef] = []
+        phashes = []
+        for k in range(nseg):
+            hasher.update(tokens[k * s : (k + 1) * s])
+            phashes.append(hasher.hexdigest())
         written: list[Path] = []
-        try:
-            for k in range(nseg):
-                hasher.update(tokens[k * s : (k + 1) * s])
-                phash = hasher.hexdigest()
-                rows = [_seg_rows(le, k * s, (k + 1) * s) for le in ex.layers]
-                chash = _content_hash(rows)
-                name = f"{phash[:32]}-{chash[:16]}"
-                path = self._seg_path(name)
-                if path.exists():
-                    nbytes = path.stat().st_size
-                else:  # encode and write one at a time: memory stays at one segment
-                    chunks = _encode_segment(ex, fp, s, k, phash, chash, fmts)
-                    nbytes = write_atomic(path, chunks, sync_dir=False)
+        lock = threading.Lock()
+
+        def segment(k: int) -> SegmentRef:
+            rows = [_seg_rows(le, k * s, (k + 1) * s) for le in ex.layers]
+            chash = _content_hash(rows)
+            name = f"{phashes[k][:32]}-{chash[:16]}"
+            path = self._seg_path(name)
+            if path.exists():
+                nbytes = path.stat().st_size
+            else:  # each worker holds one encoded segment at a time
+                chunks = _encode_segment(ex, fp, s, k, phashes[k], chash, fmts)
+                nbytes = write_atomic(path, chunks, sync_dir=False)
+                with lock:
                     written.append(path)
-                seg_refs.append(SegmentRef(name=name, start=k * s, end=(k + 1) * s, nbytes=nbytes))
+            return SegmentRef(name=name, start=k * s, end=(k + 1) * s, nbytes=nbytes)
+
+        try:
+            if nseg > 1 and self.threads > 1:
+                with ThreadPoolExecutor(self.threads) as pool:
+                    futures = [pool.submit(segment, k) for k in range(nseg)]
+                seg_refs = [f.result() for f in futures]  # all done: the pool has shut down
+            else:
+                seg_refs = [segment(k) for k in range(nseg)]
             snap_chunks = _encode_snapshot(ex, fp, sid, s, seg_refs, fmts)
             snap_bytes = sum(len(memoryview(c).cast("B")) for c in snap_chunks)
             if self.budget_bytes is not None:
