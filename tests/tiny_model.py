@@ -303,7 +303,7 @@ def _randomize(hf_names_shapes: dict[str, tuple[tuple[int, ...], str]], cfg: dic
         shape, dtype = hf_names_shapes[name]
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("tid2eid"):
-            ids = np.stack([rng.permutation(n_exp)[:k] for _ in range(shape[0])])
+            ids = rng.random((shape[0], n_exp)).argsort(axis=1)[:, :k]  # k distinct per row
             out[name] = ids.astype(np.int64)
             continue
         if name.endswith(("norm.weight",)) and len(shape) == 1:
