@@ -581,6 +581,11 @@ class DsmlParser:
             self._value.append(buf)
         elif buf.strip() and self._state in ("block", "invoke"):
             self._fail("interrupted_tool_call", "the output ended inside a tool-call tag")
+        elif buf.strip() and self._state == "after":
+            self._fail(
+                "content_after_tool_calls",
+                f"unexpected text {_snippet(buf.strip())} after </｜DSML｜tool_calls>",
+            )
 
     def _end(self) -> None:
         reasoning = "".join(self._reasoning)
