@@ -161,3 +161,18 @@ def test_every_error_is_one_line_with_next_step(tmp_path):
             assert_one_line_error(res.text)
     finally:
         h.close()
+
+
+def test_list_sent_as_json_string_is_accepted(tmp_path):
+    h = Harness(tmp_path)
+    try:
+        h.write_file("a.txt", "x = 1\n")
+        h.ok("Read", file_path="a.txt")
+        edits = '[{"old_string": "x = 1", "new_string": "x = 2"}]'
+        h.ok("MultiEdit", file_path="a.txt", edits=edits)
+        assert (tmp_path / "a.txt").read_text() == "x = 2\n"
+        assert "Invalid arguments for MultiEdit" in h.err(
+            "MultiEdit", file_path="a.txt", edits="[not json"
+        )
+    finally:
+        h.close()

@@ -7,6 +7,7 @@ invalid arguments, refused paths, denied permissions and tool failures all come 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -265,6 +266,20 @@ class ToolRegistry:
         try:
             return model.model_validate(arguments), None
         except ValidationError as e:
+            # A list or object sent as a JSON string (a DSML parameter marked string="true")
+            # is decoded and validated again before giving up.
+            retried = dict(arguments)
+            for err in e.errors():
+                key = err["loc"][0] if err["loc"] else None
+                value = retried.get(key) if isinstance(key, str) else None
+                if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+                    with contextlib.suppress(json.JSONDecodeError):
+                        retried[key] = json.loads(value)
+            if retried != arguments:
+                try:
+                    return model.model_validate(retried), None
+                except ValidationError as e2:
+                    e = e2
             return None, ToolResult.error(format_validation_error(spec, e))
 
     def _refusal(
