@@ -371,7 +371,7 @@ def download(
             src_path = final
         log(f"verifying {f.name}")
         try:
-            how = verify_file(src_path, f)
+            how = _verify_with_progress(src_path, f, quiet)
         except DownloadError as e:
             src_path.unlink(missing_ok=True)
             raise DownloadError(
@@ -386,6 +386,16 @@ def download(
         paths.append(final)
         checks[f.name] = how
     return FetchResult(paths, moved, checks)
+
+
+def _verify_with_progress(path: Path, f: RemoteFile, quiet: bool) -> str:
+    if quiet or f.size < (1 << 30):
+        return verify_file(path, f)
+    from tqdm.auto import tqdm
+
+    # Hashing 80+ GB takes minutes: show it like the transfer.
+    with tqdm(total=f.size, unit="B", unit_scale=True, desc=f"sha256 {f.name[-40:]}") as bar:
+        return verify_file(path, f, bar.update)
 
 
 def _fetch_with_errors(

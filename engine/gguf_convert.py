@@ -133,6 +133,27 @@ def convert_gguf(
     return report_
 
 
+def dry_run(
+    path: str | Path | GGUFSource,
+    tier: str,
+    requant_group: int = REQUANT_GROUP,
+    shard_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Sizes of converting an actual GGUF file (shapes only): output bytes, per-class summary
+    and the converter's peak-RAM bound."""
+    from ds4_agent.engine.mlx_format import class_summary
+
+    src = path if isinstance(path, GGUFSource) else GGUFSource(path)
+    plan, targets = gguf_plan(src, tier, requant_group)
+    sources = {name: (src.info(name).qtype, tg) for name, tg in targets.items()}
+    return {
+        "gguf_bytes": sum(t.nbytes for t in src.tensors()),
+        "mlx_bytes": sum(t.nbytes for t in plan),
+        "classes": class_summary(plan),
+        "peak_ram": peak_ram_bound(plan, sources, shard_bytes, src.threads),
+    }
+
+
 def planned_bytes(
     path: str | Path | GGUFSource, tier: str, requant_group: int = REQUANT_GROUP
 ) -> int:

@@ -222,3 +222,16 @@ def test_interrupted_conversion_resumes_to_the_same_result(files, tmp_path):
     assert names == sorted(p.name for p in part.iterdir())
     for n in names:
         assert (whole / n).read_bytes() == (part / n).read_bytes(), n
+
+
+def test_dry_run_of_a_file_predicts_the_written_size(files, tmp_path):
+    from ds4_agent.engine.gguf_convert import dry_run
+
+    d = dry_run(files["q4"], "q4")
+    assert d["gguf_bytes"] == sum(t.nbytes for t in GGUFSource(files["q4"]).tensors())
+    assert d["peak_ram"] > d["mlx_bytes"] > 0
+    convert_gguf(files["q4"], tmp_path / "o", "q4")
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert d["classes"] == cfg["ds4_mlx"]["classes"]
+    shards = sum(p.stat().st_size for p in (tmp_path / "o").glob("model-*.safetensors"))
+    assert abs(shards - d["mlx_bytes"]) < 64 << 10  # safetensors headers only
