@@ -134,11 +134,14 @@ class SnapshotIndex:
         self.entries = [e for e in self.entries if e.key != key]
         self._persist()
 
-    def longest(self, prompt: bytes) -> IndexEntry | None:
+    def longest(self, prompt: bytes, min_bytes: int = 0) -> IndexEntry | None:
+        """The entry with the longest text that prefixes `prompt` (longer than `min_bytes`)."""
         best = None
         by_len: dict[int, str] = {}
         for e in sorted(self.entries, key=lambda e: -e.n_bytes):
-            if e.n_bytes > len(prompt) or (best is not None and e.n_bytes <= best.n_bytes):
+            if e.n_bytes > len(prompt) or e.n_bytes <= min_bytes:
+                continue
+            if best is not None and e.n_bytes <= best.n_bytes:
                 continue
             sha = by_len.get(e.n_bytes)
             if sha is None:
@@ -154,6 +157,9 @@ class CachePolicy:
     cold_max_tokens: int = 30_000
     frontier_tokens: int = 10_240
     turn_snapshots: bool = True
+    # Load a snapshot instead of extending the live state when it covers this many more
+    # bytes of the prompt (about a thousand tokens).
+    prefer_disk_bytes: int = 4096
 
 
 @dataclass
@@ -221,20 +227,19 @@ class PromptCache:
         ids remain to prefill, where to snapshot on the way. May replace the live state."""
         pb = prompt.encode("utf-8")
         live = self.live_bytes()
-        if self._live_n and pb.startswith(live):
-            suffix = _decode_suffix(pb, len(live))
-            if suffix is not None:
-                self.stats["live_hits"] += 1
-                ids = self.tokenize(segments, len(prompt) - len(suffix))
-                return Plan(
-                    self._live_n, ids, self._checkpoints(self._live_n, ids, False, turn_snapshot)
-                )
-        hit = self.index.longest(pb) if self.backend is not None else None
+        live_ok = (
+            self._live_n > 0 and pb.startswith(live) and _decode_suffix(pb, len(live)) is not None
+        )
+        # A snapshot clearly longer than the usable live prefix is worth loading instead
+        # (reading rows back costs far less than recomputing them).
+        min_bytes = len(live) + self.policy.prefer_disk_bytes if live_ok else 0
+        hit = self.index.longest(pb, min_bytes) if self.backend is not None else None
         if hit is not None and hit.n_tokens > 0:
             suffix = _decode_suffix(pb, hit.n_bytes)
             state = self.backend.load(hit.key) if suffix is not None else None
             if state is not None and state.n_tokens == hit.n_tokens:
-                self.save_live("evict")
+                if not live_ok:
+                    self.save_live("evict")
                 self.state = state
                 self._live, self._live_n = bytearray(), 0
                 if self.live_bytes() == pb[: hit.n_bytes]:
@@ -246,7 +251,16 @@ class PromptCache:
                         self._checkpoints(hit.n_tokens, ids, False, turn_snapshot),
                     )
                 log.warning("snapshot %s does not hold the text its index claims; dropped", hit.key)
+                live_ok = False  # the old live state is gone; start clean below
+                self.reset()
             self.index.discard(hit.key)
+        if live_ok:
+            self.stats["live_hits"] += 1
+            suffix = pb[len(live) :].decode("utf-8")
+            ids = self.tokenize(segments, len(prompt) - len(suffix))
+            return Plan(
+                self._live_n, ids, self._checkpoints(self._live_n, ids, False, turn_snapshot)
+            )
         self.stats["misses"] += 1
         self.save_live("evict")
         self.reset()
