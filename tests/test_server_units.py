@@ -410,6 +410,8 @@ def test_snapshot_index_picks_longest_matching_prefix(tmp_path: Path) -> None:
     assert reloaded.longest(b"abcdefgh").key == "k6"
     assert reloaded.longest(b"abcde").key == "k3"
     assert reloaded.longest(b"zzz") is None
+    assert reloaded.longest(b"abcdefgh", min_bytes=3).key == "k6"
+    assert reloaded.longest(b"abcdefgh", min_bytes=6) is None
 
 
 def test_bind_rules() -> None:
