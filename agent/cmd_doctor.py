@@ -12,7 +12,7 @@ divided by the decode state per token is the largest context. On the CPU backend
 reported as runnable: it exists for development and tests with tiny models.
 
 `--format json` prints one object matching `DoctorReport` (`--schema` prints its JSON Schema).
-Exit status: 0 when a tier is runnable here, 1 otherwise (so scripts can test it).
+Exit status 0 (the report is the result); with `--check`, 1 when no tier can run here.
 """
 
 from __future__ import annotations
@@ -462,10 +462,13 @@ def _doctor(args: argparse.Namespace) -> int:
         print(r.model_dump_json(indent=2))
     else:
         _print_text(r)
-    return 0 if r.fitting_tiers else 1
+    return 1 if args.check and not r.fitting_tiers else 0
 
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     p.add_argument("--schema", action="store_true", help="print the JSON Schema of --format json")
+    p.add_argument(
+        "--check", action="store_true", help="exit with status 1 when no tier can run here"
+    )
     p.set_defaults(func=_doctor)
