@@ -86,27 +86,45 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
-def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
-    app = FastAPI(title="ds4-agent", docs_url=None, redoc_url=None, openapi_url=None)
-    models = [config.model_name, *config.aliases]
-    key = config.api_key.encode() if config.api_key else None
+class ApiKeyMiddleware:
+    """Rejects /v1/ requests without the key before any body is read (plain ASGI, so
+    streaming responses and disconnect detection pass through untouched)."""
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):  # type: ignore[no-untyped-def]
-        if key is not None and request.url.path.startswith("/v1/"):
-            got = request.headers.get("x-api-key", "")
-            auth = request.headers.get("authorization", "")
-            if auth[:7].lower() == "bearer ":
+    def __init__(self, app: Any, key: bytes) -> None:
+        self.app = app
+        self.key = key
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            headers = {k.lower(): v for k, v in scope["headers"]}
+            got = headers.get(b"x-api-key", b"")
+            auth = headers.get(b"authorization", b"")
+            if auth[:7].lower() == b"bearer ":
                 got = auth[7:].strip()
             # compare_digest: the time taken does not depend on how much of the key matched.
-            if not hmac.compare_digest(got.encode(), key):
+            if not hmac.compare_digest(got, self.key):
                 msg = (
                     "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
                     if not got
                     else "invalid API key"
                 )
-                return _error(ApiError(401, msg, code="invalid_api_key"), _dialect(request))
-        return await call_next(request)
+                dialect: Dialect = (
+                    "anthropic" if scope["path"].startswith("/v1/messages") else "openai"
+                )
+                await _error(ApiError(401, msg, code="invalid_api_key"), dialect)(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
+    app = FastAPI(title="ds4-agent", docs_url=None, redoc_url=None, openapi_url=None)
+    models = [config.model_name, *config.aliases]
+    key = config.api_key.encode() if config.api_key else None
+
+    if key is not None:
+        app.add_middleware(ApiKeyMiddleware, key=key)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

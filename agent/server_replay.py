@@ -68,8 +68,10 @@ class ReplayMap:
         self.max_records = max_records
         self._mem: OrderedDict[str, ReplayRecord] = OrderedDict()
         self._lock = threading.Lock()
+        self._n_files = 0
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
+            self._n_files = sum(1 for _ in directory.glob("*.json"))
 
     def _file(self, call_id: str) -> Path:
         assert self.directory is not None
@@ -83,7 +85,9 @@ class ReplayMap:
                 self._remember(cid, record)
                 if self.directory is not None:
                     atomic_write_bytes(self._file(cid), payload)
-        if self.directory is not None:
+                    self._n_files += 1
+        # Listing the directory is the expensive part: do it only once the bound is passed.
+        if self.directory is not None and self._n_files > self.max_records:
             self._prune()
 
     def get(self, call_id: str) -> ReplayRecord | None:
@@ -120,9 +124,13 @@ class ReplayMap:
     def _prune(self) -> None:
         assert self.directory is not None
         files = [p for p in self.directory.glob("*.json") if p.is_file()]
+        self._n_files = len(files)
         if len(files) <= self.max_records:
             return
         files.sort(key=lambda p: p.stat().st_mtime)
-        for p in files[: len(files) - self.max_records]:
+        # Drop a tenth more than needed so the next listing is many puts away.
+        excess = len(files) - self.max_records + self.max_records // 10
+        for p in files[:excess]:
             with contextlib.suppress(OSError):
                 p.unlink()
+                self._n_files -= 1
