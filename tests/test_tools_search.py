@@ -137,3 +137,16 @@ def test_glob_newest_first(h):
 def test_explicit_ignored_directory_is_searched(h):
     assert h.ok("Grep", pattern="Hello", path="build").split("\n")[1:] == ["build/out.py"]
     assert h.ok("Glob", pattern="*.py", path="build") == "build/out.py"
+
+
+def test_interrupt_stops_search(h, request):
+    from ds4_agent.tools.context import ToolContext
+
+    ctx = ToolContext()
+    ctx.cancel.set()
+    res = h.reg.call("Grep", {"pattern": "(?i)hello"}, ctx)
+    assert not res.is_error
+    if "python" in request.node.name:
+        assert "search interrupted by the user" in res.text
+    else:  # rg may finish before the watchdog looks; either way the answer is honest
+        assert "search interrupted" in res.text or res.text.startswith("7 files match")

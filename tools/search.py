@@ -8,9 +8,12 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
+import threading
+import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import pathspec
 from pydantic import ConfigDict, Field
@@ -20,6 +23,8 @@ from .files import Args, missing_file_error
 from .ignore import walk_files
 from .result import ToolError, ToolResult
 from .textutil import looks_binary
+
+SEARCH_TIMEOUT_S = 60.0
 
 # A few common ripgrep file types for the Python fallback (rg knows hundreds).
 FALLBACK_TYPES = {
@@ -108,18 +113,19 @@ def tool_grep(args: GrepArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
     limit = args.head_limit or env.limits.grep_default_head
     rg = find_rg()
     if rg:
-        lines, total = _grep_rg(rg, args, env, start)
+        lines, total, note = _grep_rg(rg, args, env, start, ctx)
     else:
-        lines, total = _grep_py(args, env, start)
+        lines, total, note = _grep_py(args, env, start, ctx)
     if total == 0:
-        return ToolResult(f"No matches for {args.pattern!r} in {shown}")
+        return ToolResult(
+            f"No matches for {args.pattern!r} in {shown}" + (f"\n{note}" if note else "")
+        )
     what = {"content": "lines", "files_with_matches": "files", "count": "files"}[args.output_mode]
     header = ""
     if args.output_mode == "files_with_matches":
         header = f"{total} file{'s' if total != 1 else ''} match:\n"
-    return ToolResult(
-        header + _cap_lines(lines, total, limit, what), display={"kind": "grep", "total": total}
-    )
+    body = header + _cap_lines(lines, total, limit, what) + (f"\n{note}" if note else "")
+    return ToolResult(body, display={"kind": "grep", "total": total})
 
 
 def _rel_arg(env: ToolEnv, path: Path) -> str:
@@ -155,7 +161,18 @@ def _rg_base(rg: str, env: ToolEnv) -> list[str]:
     ]
 
 
-def _grep_rg(rg: str, args: GrepArgs, env: ToolEnv, start: Path) -> tuple[list[str], int]:
+def _grep_rg(
+    rg: str, args: GrepArgs, env: ToolEnv, start: Path, ctx: ToolContext
+) -> tuple[list[str], int, str]:
+    # stderr goes to a file: a pipe nobody reads while stdout streams could fill up and hang rg
+    # (one "permission denied" line per unreadable file adds up).
+    with tempfile.TemporaryFile() as errfile:
+        return _grep_rg_run(rg, args, env, start, ctx, errfile)
+
+
+def _grep_rg_run(
+    rg: str, args: GrepArgs, env: ToolEnv, start: Path, ctx: ToolContext, errfile: BinaryIO
+) -> tuple[list[str], int, str]:
     globs = _split_globs(args.glob) if args.glob else []
     keep = _GlobFilter(globs + _secret_excludes(env))
     cmd = _rg_base(rg, env) + ["--sort=path", "--max-columns=500", "--max-columns-preview"]
@@ -186,9 +203,10 @@ def _grep_rg(rg: str, args: GrepArgs, env: ToolEnv, start: Path) -> tuple[list[s
         cwd=env.workspace.root,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=errfile,
     )
     assert proc.stdout is not None
+    stopped = _watchdog(proc, ctx)
     lines: list[str] = []
     total = 0
     explicit_file = start.is_file()
@@ -230,8 +248,11 @@ def _grep_rg(rg: str, args: GrepArgs, env: ToolEnv, start: Path) -> tuple[list[s
     while lines and lines[-1] == "--":
         lines.pop()
         total -= 1
-    err = proc.stderr.read().decode("utf-8", errors="replace") if proc.stderr else ""
     code = proc.wait()
+    errfile.seek(0)
+    err = errfile.read(65536).decode("utf-8", errors="replace")
+    if stopped:
+        return lines, total, _stopped_note(stopped[0])
     if code == 2 and total == 0:
         first = next((ln for ln in err.splitlines() if ln.strip()), "unknown error")
         if "regex" in err.lower():
@@ -243,7 +264,7 @@ def _grep_rg(rg: str, args: GrepArgs, env: ToolEnv, start: Path) -> tuple[list[s
                 f"Grep: unknown file type {args.type!r}; use a ripgrep type such as py, js, ts, rust, go, or use glob instead"
             )
         raise ToolError(f"Grep: ripgrep failed: {first}; check the pattern, path and glob")
-    return lines, total
+    return lines, total, ""
 
 
 def _one_line(err: str) -> str:
@@ -328,7 +349,9 @@ def _py_files(env: ToolEnv, start: Path, globs: list[str]) -> list[tuple[Path, s
     return out
 
 
-def _grep_py(args: GrepArgs, env: ToolEnv, start: Path) -> tuple[list[str], int]:
+def _grep_py(
+    args: GrepArgs, env: ToolEnv, start: Path, ctx: ToolContext
+) -> tuple[list[str], int, str]:
     flags = re.IGNORECASE if args.case_insensitive else 0
     if args.multiline:
         flags |= re.DOTALL | re.MULTILINE
@@ -348,7 +371,12 @@ def _grep_py(args: GrepArgs, env: ToolEnv, start: Path) -> tuple[list[str], int]
     before = args.before if args.before is not None else (args.context or 0)
     after = args.after if args.after is not None else (args.context or 0)
     lines: list[str] = []
+    deadline = time.monotonic() + SEARCH_TIMEOUT_S
     for path, rel in _py_files(env, start, globs):
+        if ctx.cancel.is_set():
+            return lines, len(lines), _stopped_note("interrupted")
+        if time.monotonic() > deadline:
+            return lines, len(lines), _stopped_note("timeout")
         try:
             data = path.read_bytes()
         except OSError:
@@ -389,7 +417,37 @@ def _grep_py(args: GrepArgs, env: ToolEnv, start: Path) -> tuple[list[str], int]
                 ln = ln[:500] + " [... omitted end of long line]"
             lines.append(f"{rel}{sep}{i + 1}{sep}{ln}" if args.line_numbers else f"{rel}{sep}{ln}")
             prev = i
-    return lines, len(lines)
+    return lines, len(lines), ""
+
+
+def _watchdog(proc: subprocess.Popen[bytes], ctx: ToolContext) -> list[str]:
+    """Kill `proc` on the agent's interrupt or after SEARCH_TIMEOUT_S; the list gets the reason."""
+    stopped: list[str] = []
+    deadline = time.monotonic() + SEARCH_TIMEOUT_S
+
+    def watch() -> None:
+        while proc.poll() is None:
+            why = (
+                "interrupted"
+                if ctx.cancel.is_set()
+                else "timeout"
+                if time.monotonic() > deadline
+                else ""
+            )
+            if why:
+                stopped.append(why)
+                proc.kill()
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True, name="search-watchdog").start()
+    return stopped
+
+
+def _stopped_note(why: str) -> str:
+    if why == "interrupted":
+        return "[search interrupted by the user; the results above are incomplete]"
+    return f"[search stopped after {SEARCH_TIMEOUT_S:g} s; the results above are incomplete, narrow the path, glob or pattern]"
 
 
 # ---- Glob ------------------------------------------------------------------------------------
