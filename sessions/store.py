@@ -27,6 +27,7 @@ decoded rows against the segment name, so a codec bug could not go unnoticed eit
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
@@ -114,6 +115,23 @@ def _score(sc: Sidecar, now: float) -> float:
     age = max(0.0, now - sc.last_used)
     hits = sc.hits * 0.5 ** (age / HITS_HALF_LIFE_S)
     return (1.0 + hits) * 0.5 ** (age / RECENCY_HALF_LIFE_S)
+
+
+def _guard(method):
+    """Public store methods raise SnapshotError subclasses only (OS errors translated)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except SnapshotError:
+            raise
+        except OSError as e:
+            raise translate_os_error(e, f"running snapshot store {method.__name__}") from None
+        except (ValueError, TypeError) as e:
+            raise SnapshotInvalidError(f"snapshot store {method.__name__}: {e}") from None
+
+    return wrapper
 
 
 @dataclass
@@ -477,12 +495,14 @@ class SnapshotStore:
 
     # ------------------------------------------------------------------ pins, listing, removal
 
+    @_guard
     def pin(self, ref_or_id: SnapshotRef | str | dict, name: str) -> None:
         """Keep this snapshot through eviction while `name` (a session) refers to it."""
         with self._locked(exclusive=True):
             if not self._edit_pins(_id_of(ref_or_id), add=name):
                 raise SnapshotNotFoundError(f"no snapshot {_id_of(ref_or_id)[:12]} to pin")
 
+    @_guard
     def unpin(self, ref_or_id: SnapshotRef | str | dict | None, name: str) -> None:
         """Drop the pin `name` from one snapshot, or from every snapshot when ref_or_id is None."""
         with self._locked(exclusive=True):
@@ -490,6 +510,7 @@ class SnapshotStore:
             for sid in ids:
                 self._edit_pins(sid, remove=name)
 
+    @_guard
     def list(self) -> list[SnapshotRef]:
         with self._locked(exclusive=False):
             out = []
@@ -499,6 +520,7 @@ class SnapshotStore:
                     out.append(self._ref(side, _size(self._snap_path(sid))))
             return sorted(out, key=lambda r: r.last_used, reverse=True)
 
+    @_guard
     def delete(self, ref_or_id: SnapshotRef | str | dict) -> int:
         """Remove one snapshot (pinned or not) and the segments only it used; returns bytes freed."""
         sid = _id_of(ref_or_id)
@@ -510,6 +532,7 @@ class SnapshotStore:
 
     remove = delete
 
+    @_guard
     def usage(self) -> StoreUsage:
         with self._locked(exclusive=False):
             snap_bytes = sum(_size(p) for p in _files(self.snap_dir))
