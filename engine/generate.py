@@ -138,6 +138,17 @@ class Engine:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {v})")
 
+    def _advance(self, state: DecodeState, ids: list[int], all_logits: bool = False) -> mx.array:
+        """Run one chunk transactionally: the forward pass and its evaluation work on a scratch
+        copy that replaces the state only once everything is computed, so an exception or a
+        Ctrl-C mid-chunk leaves the state exactly as it was (a valid prefix)."""
+        work = state.clone(copy_tokens=False)  # O(layers); the token list is shared, unchanged
+        logits = self.model.forward(work, ids, all_logits=all_logits)
+        mx.eval(logits, *work.arrays())
+        state.__dict__.update(work.__dict__)
+        state.tokens.extend(ids)
+        return logits
+
     def prefill(
         self,
         state: DecodeState,
@@ -160,8 +171,7 @@ class Engine:
             if should_stop is not None and should_stop():
                 raise Cancelled(done, len(ids))
             chunk = ids[done : done + step]
-            logits = self.model.forward(state, chunk)
-            mx.eval(logits, *state.arrays())
+            logits = self._advance(state, chunk)
             done += len(chunk)
             if progress is not None:
                 progress(done, len(ids))
@@ -176,17 +186,14 @@ class Engine:
         step = chunk_size or max(len(ids), 1)
         out = []
         for a in range(0, len(ids), step):
-            lg = self.model.forward(state, ids[a : a + step], all_logits=True)
-            mx.eval(lg, *state.arrays())
+            lg = self._advance(state, ids[a : a + step], all_logits=True)
             out.append(np.array(lg, dtype=np.float32))
         return np.concatenate(out) if out else np.zeros((0, self.config.vocab_size), np.float32)
 
     def decode(self, state: DecodeState, token_id: int) -> mx.array:
         """Append one token; returns the logits for the next position, float32 [vocab]."""
         self._check_ids([int(token_id)])
-        logits = self.model.forward(state, [int(token_id)])
-        mx.eval(logits, *state.arrays())
-        return logits
+        return self._advance(state, [int(token_id)])
 
     def generate(
         self,

@@ -526,7 +526,10 @@ class Model:
         )
 
     def forward(self, state: DecodeState, tokens: list[int], all_logits: bool = False) -> mx.array:
-        """Run a chunk of tokens at positions state.n_tokens.. and append them to the state.
+        """Run a chunk of tokens at positions state.n_tokens.. and update the layer state.
+
+        The caller appends `tokens` to `state.tokens` once the results are evaluated
+        (`Engine._advance`), which keeps a failed or interrupted chunk from half-updating it.
 
         Returns logits float32 [S, vocab] (all_logits) or [vocab] for the last token.
         """
@@ -540,7 +543,6 @@ class Model:
         x = mx.broadcast_to(e[:, None, :], (ctx.length, cfg.hc_mult, cfg.hidden_size))
         for i, ratio in enumerate(cfg.ratios):
             x = self.layer(x, ctx, f"layers.{i}.", state.layers[i], ratio, cfg.is_hash_layer(i))
-        state.tokens.extend(int(t) for t in tokens)
         state.last_streams = x[-1]
         hs = x if all_logits else x[-1:]
         y = rms(self.hc_head(hs, ""), w["norm.weight"], cfg.rms_norm_eps)

@@ -136,10 +136,12 @@ class DecodeState:
     def n_tokens(self) -> int:
         return len(self.tokens)
 
-    def clone(self) -> DecodeState:
-        """Independent copy (arrays are shared but never mutated in place)."""
+    def clone(self, copy_tokens: bool = True) -> DecodeState:
+        """Independent copy (arrays are shared but never mutated in place). O(layers + T): the
+        token list is the only part copied element by element (shared if not copy_tokens)."""
         out = copy.copy(self)
-        out.tokens = list(self.tokens)
+        if copy_tokens:
+            out.tokens = list(self.tokens)
         out.layers = []
         for ls in self.layers:
             c = copy.copy(ls)

@@ -158,3 +158,35 @@ def test_indexer_row_tiling_is_exact(dirs, toks, monkeypatch):
     eng = tm.cached_engine(d, "exact")
     out = eng.forward_all(eng.new_state(), toks, chunk_size=100)
     assert tm.rel_err(out, ref) <= TOL
+
+
+def test_failed_chunk_leaves_state_untouched(dirs, toks, monkeypatch):
+    """An exception in the middle of a chunk (here: in the 3rd layer) changes nothing."""
+    from ds4_agent.engine import model
+
+    eng = tm.cached_engine(dirs["window"], "exact")
+    st = eng.new_state()
+    eng.prefill(st, toks[:21])
+    before = st.export()
+    real = model.Model.moe
+    calls = {"n": 0}
+
+    def boom(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(model.Model, "moe", boom)
+    with pytest.raises(KeyboardInterrupt):
+        eng.prefill(st, toks[21:40])
+    monkeypatch.setattr(model.Model, "moe", real)
+    after = st.export()
+    assert after.n_tokens == before.n_tokens == 21
+    for a, b in zip(before.layers, after.layers, strict=True):
+        np.testing.assert_array_equal(a.raw, b.raw)
+        for k in a.frontiers:
+            np.testing.assert_array_equal(a.frontiers[k], b.frontiers[k])
+    ref = _one_shot(dirs["window"], toks)
+    lg = eng.prefill(st, toks[21:40])
+    assert tm.rel_err(np.array(lg)[None], ref[39:40]) <= TOL
