@@ -337,7 +337,9 @@ class GGUFSource:
         if "vocab_size" not in cfg and "embed.weight" in self._tensors:
             cfg["vocab_size"] = self._tensors["embed.weight"].shape[0]
         n = int(cfg["num_hidden_layers"])
-        cfg.setdefault("num_nextn_predict_layers", 1)
+        # ds4 ships the MTP block as a separate file: a main-model GGUF has none.
+        has_mtp = any(name.startswith("mtp.") for name in self._tensors)
+        cfg.setdefault("num_nextn_predict_layers", 1 if has_mtp else 0)
         ratios = self.metadata(f"{ARCH}.attention.compress_ratios")
         if ratios is not None:
             ratios = [int(r) for r in ratios]
