@@ -465,9 +465,18 @@ def tool_glob(args: GlobArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
     globs = _split_globs(pattern)
     if rg:
         cmd = _rg_base(rg, env) + ["--files", *_prefilter(globs), "--", _rel_arg(env, start)]
-        proc = subprocess.run(
-            cmd, cwd=env.workspace.root, stdin=subprocess.DEVNULL, capture_output=True
-        )
+        try:
+            proc = subprocess.run(
+                cmd,
+                cwd=env.workspace.root,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=SEARCH_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            raise ToolError(
+                f"Glob: listing files took over {SEARCH_TIMEOUT_S:g} s; pass a narrower path"
+            ) from None
         if proc.returncode == 2 and not proc.stdout:
             raise ToolError(
                 f"Glob: invalid pattern {args.pattern!r} ({_one_line(proc.stderr.decode(errors='replace'))}); fix the glob"
