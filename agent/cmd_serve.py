@@ -11,7 +11,9 @@ from ds4_agent.agent.cmd_common import fail
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", required=False, help="model directory")
+    p.add_argument(
+        "--model", metavar="NAME|DIR", help="installed model name or directory (default model)"
+    )
     p.add_argument(
         "--tokenizer", metavar="PATH", help="tokenizer.json (default: in the model directory)"
     )
@@ -46,13 +48,14 @@ def run(args: argparse.Namespace) -> int:
         check_bind(args.host, args.api_key)
     except ValueError as e:
         return fail(str(e), 2)
-    if not args.model:
-        return fail("serve needs --model DIR (a converted model directory)", 2)
     if args.ctx < 256:
         return fail("--ctx must be at least 256 tokens", 2)
-    model_dir = Path(args.model).expanduser()
-    if not model_dir.is_dir():
-        return fail(f"model directory {model_dir} does not exist (see `ds4-agent model list`)")
+    from ds4_agent.engine.model_registry import RegistryError, resolve_model
+
+    try:
+        model_dir = resolve_model(args.model)  # a name, a directory, or the default model
+    except RegistryError as e:
+        return fail(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     from ds4_agent.agent.server_runtime import build_server, load_tokenizer, run_server
