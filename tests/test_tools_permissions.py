@@ -276,3 +276,10 @@ def test_unparseable_deny_matches_whole_words_only():
     assert bash(p, "/bin/rm -rf x") == "deny"
     assert bash(p, "sudo /usr/bin/rm x") == "deny"
     assert bash(p, "cat <<EOF\nEOF\nrm -rf x") == "deny"
+
+
+def test_read_only_mode_beats_allow_rules_for_changes():
+    p = policy("read-only", allow=["Edit(src/**)", "GitCommit", "Bash(pytest:*)"])
+    assert edit(p, "src/a.py") == "deny"
+    assert p.check(ToolCall("GitCommit", {"message": "x"}, "git_write")).behavior == "deny"
+    assert bash(p, "pytest -q") == "allow"  # explicitly allowed commands still run

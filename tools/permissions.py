@@ -1,13 +1,14 @@
 """Permission modes and allow/ask/deny rules, decided per tool call.
 
 Modes (Claude Code's names are accepted as aliases):
-  read-only  (plan)              reads, searches and read-only shell commands only
+  read-only  (plan)              reads, searches, read-only shell commands and shell commands an
+                                 allow rule names; never file edits or commits
   ask        (default)           reads are free; edits, other shell commands and commits ask
   auto-edit  (acceptEdits)       edits inside the workspace are free; shell and commits ask
   full-auto  (bypassPermissions) everything is allowed except what a deny rule forbids
 
 Rules look like `Bash(git diff:*)`, `Bash(npm test)`, `Edit(src/**)`, `Read(.env)`, `GitCommit`.
-`Read` rules cover Read/Grep/Glob/LS, `Edit` rules cover Edit/MultiEdit/Write, `Bash` rules
+`Read` rules cover Read/Grep/Glob/LS, `Edit` rules cover Edit/MultiEdit/Write/apply_patch, `Bash` rules
 cover Bash. A shell command is split into its segments (`a && b | c`, substitutions included)
 and every segment must be allowed; one denied segment denies the call. Deny beats ask beats
 allow, whichever file the rule came from. Files that usually hold secrets (.env*, keys) ask
@@ -336,6 +337,10 @@ class PermissionPolicy:
                     )
         if r := self._first(self.deny, call, lambda r: r.spec is None):
             return PermissionDecision("deny", f"{call.name} is denied by rule {r}", str(r))
+        if call.kind == "git_write" and self.mode == "read-only":
+            return PermissionDecision(
+                "deny", f"{call.name} changes the repository and the session is in read-only mode"
+            )
         if r := self._first(self.ask, call, lambda r: r.spec is None):
             return PermissionDecision("ask", f"rule {r} asks before {call.name}", str(r))
         if r := self._first(self.allow, call, lambda r: r.spec is None):
@@ -389,6 +394,11 @@ class PermissionPolicy:
                 "ask",
                 f"{shown} may contain secrets; reading it needs the user's permission",
                 suggestions=[f"Read({shown})"],
+            )
+        if call.kind == "edit" and self.mode == "read-only":
+            # Read-only means no file changes, whatever allow rules say.
+            return PermissionDecision(
+                "deny", f"{call.name} would change {shown} and the session is in read-only mode"
             )
         if r := self._first(self.ask, call, on_path):
             return PermissionDecision("ask", f"rule {r} asks before {call.name} on {shown}", str(r))
