@@ -275,3 +275,22 @@ def test_verify_decoded_catches_a_decoder_that_lies(tmp_path, monkeypatch):
     monkeypatch.setattr(codec, "decode_rows", off_by_one_ulp)
     with pytest.raises(SnapshotError, match="do not hash"):
         store.load(ref, FP)
+
+
+def test_concurrent_saves_and_loads_from_two_stores_on_one_directory(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = toks(1500)
+    exports = [synth_export(CFG, np.concatenate([ids, toks(300, seed=s)])) for s in range(4)]
+
+    def work(i: int) -> str | None:
+        store = SnapshotStore(tmp_path, segment_tokens=256, threads=1)  # one handle each
+        ref = store.save(exports[i], FP)
+        return exports_equal(store.load(ref, FP), exports[i])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(work, range(4))) == [None] * 4
+    store = SnapshotStore(tmp_path, segment_tokens=256)
+    assert store.usage().n_snapshots == 4
+    assert store.usage().n_segments == 5 + 4 * 2  # the shared 1280-token prefix is stored once
+    assert store.gc().removed_segments == 0

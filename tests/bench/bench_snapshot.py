@@ -7,7 +7,7 @@ the files dropped from it first ("cold", posix_fadvise DONTNEED). Then the fork 
 (a 10k-token session forked twice, +1k tokens each) and, with --prefill N, the prefill time of
 the tiny CPU test engine (tests/tiny_model.py) for N tokens, scaled to T. Writes a CSV.
 
-    python tests/bench/bench_snapshot.py [--tokens 32768] [--csv bench_snapshot.csv] [--prefill 256]
+    python tests/bench/bench_snapshot.py [--tokens 32768] [--csv bench-snapshot.csv] [--prefill 256]
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main() -> int:
     ap.add_argument("--numerics", choices=["official", "exact"], default="official")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", help="where to put the store (default: a temp dir on the same disk)")
-    ap.add_argument("--csv", default="bench_snapshot.csv")
+    ap.add_argument("--csv", default="bench-snapshot.csv")
     ap.add_argument("--prefill", type=int, default=0, metavar="N", help="also time the engine")
     ap.add_argument("--no-fork", action="store_true")
     args = ap.parse_args()
