@@ -405,12 +405,15 @@ def write_tier(
                 raise ConvertError(f"{t.name}: produced shape {got}, planned {t.shape}")
             arrays.update(weight_arrays(t.name, w, t.fmt))
             mx.eval(list(arrays.values()))
+            del w
+            mx.clear_cache()  # freed temporaries would otherwise stay in MLX's buffer cache
             done_bytes += t.nbytes
             if progress:
                 progress(t.name, done_bytes, total)
         tmp = out_dir / f".{fname}.tmp.safetensors"
         mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx"})
         del arrays
+        mx.clear_cache()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out_dir / fname)
