@@ -1,7 +1,7 @@
 """Benchmark the tools on a synthetic repository: search (ripgrep vs the Python fallback), edit
 matching on a large file, and shell output handling. Prints a table and writes a CSV.
 
-    python tests/bench/bench_tools.py [--files 2000] [--csv bench_tools.csv]
+    python tests/bench/bench_tools.py [--files 2000] [--csv bench-tools.csv]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--csv", default="bench_tools.csv")
+    ap.add_argument("--csv", default="bench-tools.csv")
     args = ap.parse_args()
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as d:
