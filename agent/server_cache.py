@@ -117,6 +117,7 @@ class SnapshotIndex:
     def _persist(self) -> None:
         if self.path is None:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"version": 1, "entries": [e.__dict__ for e in self.entries]}
         atomic_write_bytes(self.path, json.dumps(data).encode())
 

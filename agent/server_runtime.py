@@ -77,9 +77,11 @@ def build_server(
     if kv_disk_dir is not None:
         kv_disk_dir = Path(kv_disk_dir)
         kv_disk_dir.mkdir(parents=True, exist_ok=True)
-        backend = open_backend(engine, kv_disk_dir / "snapshots", kv_disk_space_mb)
-        index_path = kv_disk_dir / "server-index.json"
-        replay_dir = kv_disk_dir / "tool-replay"
+        # The directory is a plain snapshot store (it can be the agent's own, to share the
+        # cache); the server's text index and tool-call replay map sit in `server/` inside it.
+        backend = open_backend(engine, kv_disk_dir, kv_disk_space_mb)
+        index_path = kv_disk_dir / "server" / "index.json"
+        replay_dir = kv_disk_dir / "server" / "tool-replay"
     replay = ReplayMap(replay_dir)
     cache = PromptCache(engine, tokenizer, backend, index_path, policy)
     worker = Worker(engine, tokenizer, cache, replay, ctx, sampler_factory)
