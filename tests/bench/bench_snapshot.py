@@ -149,6 +149,12 @@ def main() -> int:
             f"{warm_load:.3f} s, CPU {load_cpu:.3f} s",
         )
         out("restore/read bandwidth, warm", 100 * warm_read / warm_load, "%")
+        out(
+            "restore CPU throughput",
+            nbytes / load_cpu / 1e9,
+            "GB/s",
+            "file bytes per CPU-second: above the cold read rate means disk-bound when idle",
+        )
         vstore = SnapshotStore(root, segment_tokens=args.segment_tokens, verify_decoded=True)
         out(
             "restore + re-hash decoded rows, warm",
