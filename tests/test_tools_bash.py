@@ -205,3 +205,17 @@ def test_output_tools_refuse_foreground_jobs(h):
     h.ok("Bash", command="echo fg")
     msg = h.err("BashOutput", bash_id="bash_1")
     assert "foreground" in msg and "run_in_background" in msg
+
+
+def test_close_kills_all_jobs_within_one_grace_period(h):
+    h.reg.jobs.kill_grace_s = 1.0  # one job at a time would need 4 s
+    pids = []
+    for _ in range(4):
+        text = h.ok("Bash", command="trap '' TERM; sleep 60", run_in_background=True)
+        job = re.search(r"job (bash_\d+)", text).group(1)
+        pids.append(h.reg.jobs.jobs[job].pid)
+    time.sleep(0.2)  # let the shells install their trap
+    t0 = time.monotonic()
+    h.reg.close()
+    assert time.monotonic() - t0 < 3.0
+    wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=3)

@@ -210,7 +210,9 @@ class JobManager:
             job.ended = time.monotonic()
         job.finished.set()
 
-    def _kill_group(self, job: Job, reason: str, keep_exit: bool = False) -> None:
+    def _kill_group(
+        self, job: Job, reason: str, keep_exit: bool = False, grace: float | None = None
+    ) -> None:
         """SIGTERM the process group, give it a grace period, then SIGKILL what is left."""
         assert job.proc is not None
         if job.end_reason is None:
@@ -219,7 +221,7 @@ class JobManager:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGTERM)
         try:
-            code = job.proc.wait(timeout=self.kill_grace_s)
+            code = job.proc.wait(timeout=self.kill_grace_s if grace is None else grace)
         except subprocess.TimeoutExpired:
             code = None
         # Children may ignore SIGTERM even when the shell did not: always finish with SIGKILL.
@@ -260,9 +262,20 @@ class JobManager:
 
     def close(self) -> None:
         """Kill every running job and delete every output file."""
-        for job in list(self.jobs.values()):
-            if job.running:
-                self.kill(job, "killed")
+        running = [j for j in self.jobs.values() if j.running and j.proc is not None]
+        # One shared grace period: SIGTERM everyone first, so closing with many jobs that
+        # ignore SIGTERM takes one grace period, not one per job.
+        for job in running:
+            job.end_reason = job.end_reason or "killed"
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(job.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.kill_grace_s
+        for job in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for job in running:
+            self._kill_group(job, "killed", grace=0.0)
+        for job in self.jobs.values():
             with contextlib.suppress(OSError):
                 job.out_path.unlink()
         self.jobs.clear()
