@@ -81,3 +81,13 @@ def test_q2_quantized_path_equals_its_dequantized_weights(setup) -> None:
     la = np.array(a.forward_all(a.new_state(), toks))
     lb = np.array(b.forward_all(b.new_state(), toks))
     assert np.abs(la - lb).max() <= 1e-4 * np.abs(lb).max()
+
+
+def test_without_mtp_block_main_model_logits_unchanged(setup, tmp_path: Path) -> None:
+    out = tmp_path / "no-mtp"
+    cv.OfficialConverter(setup["official"], cv.ConvertOptions("lossless", include_mtp=False)).run(
+        out
+    )
+    assert not any(k.startswith("mtp.") for k in load_weights(out))
+    toks = tiny_model.random_tokens(24, 512, seed=7)
+    assert np.array_equal(_logits(out, "exact", toks), _logits(setup["official"], "exact", toks))
