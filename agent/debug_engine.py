@@ -35,19 +35,38 @@ def _read_tokens(path: str) -> list[int]:
     return data
 
 
-def _save_npy(path: str, arr: np.ndarray) -> None:
+def _write_logits(path: str, engine, state, tokens: list[int], chunk: int | None) -> tuple:
+    """Stream [T, vocab] float32 rows chunk by chunk into a memory-mapped .npy (a long token
+    file never holds all logits in RAM), then fsync and rename into place atomically."""
     out = Path(path)
     directory = out.parent if str(out.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    shape = (len(tokens), engine.config.vocab_size)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-            f.flush()
+        if tokens:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            step = chunk or len(tokens)
+            for a in range(0, len(tokens), step):
+                rows = engine.forward_all(state, tokens[a : a + step])
+                arr[a : a + len(rows)] = rows
+            arr.flush()
+            del arr
+        else:  # only --load-state/--save-state: an empty [0, vocab] array
+            with open(tmp, "wb") as f:  # a handle: np.save(path) would append ".npy"
+                np.save(f, np.zeros(shape, dtype=np.float32))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return shape
 
 
 def cmd_logits(args: argparse.Namespace) -> int:
@@ -66,11 +85,10 @@ def cmd_logits(args: argparse.Namespace) -> int:
             state = engine.import_state(load_state(args.load_state, engine.fingerprint))
         else:
             state = engine.new_state()
-        logits = engine.forward_all(state, tokens, chunk_size=args.chunk)
-        _save_npy(args.out, logits.astype(np.float32))
+        shape = _write_logits(args.out, engine, state, tokens, args.chunk)
         if args.save_state:
             save_state(args.save_state, state.export(), engine.fingerprint)
     except (ValueError, ConfigError, StateFileError, FileNotFoundError, KeyError) as e:
         return fail(str(e).strip("'\""))
-    print(f"wrote {args.out}: logits {logits.shape[0]}×{logits.shape[1]} float32")
+    print(f"wrote {args.out}: logits {shape[0]}×{shape[1]} float32")
     return 0
