@@ -249,6 +249,15 @@ def _build_arguments(params: list[tuple[str, str, bool]]) -> str:
     return "{" + ", ".join(items) + "}"
 
 
+def _held_newlines(text: str) -> int:
+    """How many trailing characters of answer text belong to the separator before a block:
+    the official "\n\n", or a lone newline (at most two characters, so holding them back while
+    streaming stays cheap however long a whitespace run the model writes)."""
+    if text.endswith(("\n\n", "\r\n")):
+        return 2
+    return 1 if text.endswith("\n") else 0
+
+
 def _snippet(text: str, n: int = 40) -> str:
     return json.dumps(text[:n] + ("…" if len(text) > n else ""), ensure_ascii=False)
 
@@ -372,7 +381,7 @@ class DsmlParser:
         while self._step():
             pass
 
-    def _step(self) -> bool:  # noqa: C901 - one branch per state reads best here
+    def _step(self) -> bool:
         """Advance as far as the buffer allows; True when something was consumed."""
         buf = self._buf
         st = self._state
@@ -408,8 +417,8 @@ class DsmlParser:
             cut = m.start() if m is not None else len(buf)
             text = buf[:cut]
             if m is None or m.partial:
-                # Hold back trailing whitespace: it is dropped if a tool-call block follows.
-                keep = len(text) - len(text.rstrip())
+                # Hold back up to two trailing newlines: they are dropped if a block follows.
+                keep = _held_newlines(text)
                 self._say(text[: len(text) - keep])
                 self._buf = buf[len(text) - keep :]
                 return False
@@ -425,7 +434,7 @@ class DsmlParser:
                 return True
             o = _OPEN_BLOCK.match(buf, cut, partial=True)
             if o is not None and o.partial and len(buf) - cut <= _MAX_TAG:
-                keep = len(text) - len(text.rstrip())
+                keep = _held_newlines(text)
                 self._say(text[: len(text) - keep])
                 self._buf = buf[len(text) - keep :]
                 return False
@@ -436,8 +445,8 @@ class DsmlParser:
                     f"expected <｜DSML｜tool_calls> but found {_snippet(buf[cut:])}",
                 )
                 return True
-            # Official form: content + "\n\n" + block; otherwise drop the trailing newlines.
-            self._say(text[:-2] if text.endswith("\n\n") else text.rstrip("\r\n"))
+            # Official form: content + "\n\n" + block; a single newline is dropped as well.
+            self._say(text[: len(text) - _held_newlines(text)])
             self._buf = buf[o.end() :]
             self._state = "block"
             self._emit(ToolBlockStart())
@@ -445,7 +454,10 @@ class DsmlParser:
 
         if st in ("block", "invoke", "after"):
             pos = _WS.match(buf).end()
-            if pos == len(buf):
+            if pos:  # whitespace between tags carries nothing; drop it now
+                buf = self._buf = buf[pos:]
+                pos = 0
+            if not buf:
                 return False
             if st == "block":
                 alts = (("invoke", _OPEN_INVOKE), ("end", _CLOSE_BLOCK), ("eos", _EOS))

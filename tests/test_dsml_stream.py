@@ -165,6 +165,21 @@ def test_content_before_block_keeps_only_official_separator():
     assert turn.content == "a"
 
 
+def test_whitespace_is_streamed_not_hoarded():
+    # Only the last two characters may be held back (a possible separator before a block), so a
+    # model looping on whitespace neither stalls the display nor makes parsing quadratic.
+    for mode, prefix in (("chat", ""), ("thinking", "r</think>")):
+        parser = DsmlParser(mode)
+        parser.feed(prefix)
+        shown = 0
+        for ch in " \n" * 500:
+            shown += sum(len(e.text) for e in parser.feed(ch) if isinstance(e, dsml.TextDelta))
+        assert shown >= 998
+    parser = DsmlParser("chat")
+    parser.feed(CALL.replace("</｜DSML｜invoke>", " " * 5000 + "</｜DSML｜invoke>") + EOS)
+    assert parser.result().tool_calls[0].params == ARGS
+
+
 def test_feed_after_end_is_ignored():
     parser = DsmlParser("chat")
     parser.feed("ok" + EOS)
