@@ -10,11 +10,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-
-pytest.importorskip("ds4_agent.engine.tokenizer", reason="needs the V4 tokenizer module")
-pytest.importorskip("ds4_agent.prompts.encoding", reason="needs the official chat encoder")
-
-from server_harness import (  # noqa: E402
+from server_harness import (
     MODEL_NAME,
     THINK_END,
     Scripts,

@@ -12,11 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-pytest.importorskip("ds4_agent.engine.tokenizer", reason="needs the V4 tokenizer module")
-pytest.importorskip("ds4_agent.prompts.encoding", reason="needs the official chat encoder")
-
-from tiny_model import REAL_VOCAB, build_tiny_model  # noqa: E402
+from tiny_model import REAL_VOCAB, build_tiny_model
 
 
 def _free_port() -> int:

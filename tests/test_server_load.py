@@ -10,15 +10,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
-pytest.importorskip("ds4_agent.engine.tokenizer", reason="needs the V4 tokenizer module")
-pytest.importorskip("ds4_agent.prompts.encoding", reason="needs the official chat encoder")
-
-from ds4_agent.agent.server_convert import GenRequest, Sampling  # noqa: E402
-from ds4_agent.agent.server_events import Accepted, Done  # noqa: E402
-from ds4_agent.agent.server_worker import Job  # noqa: E402
-from ds4_agent.prompts.encoding import Segment  # noqa: E402
-from server_harness import MODEL_NAME, Scripts, load_stack, start_server  # noqa: E402
+from ds4_agent.agent.server_convert import GenRequest, Sampling
+from ds4_agent.agent.server_events import Accepted, Done
+from ds4_agent.agent.server_worker import Job
+from ds4_agent.prompts.encoding import Segment
+from server_harness import MODEL_NAME, Scripts, load_stack, start_server
 
 N_CLIENTS = 16
 
