@@ -56,6 +56,7 @@ class Job:
     segments: list[Any] = field(default_factory=list)  # control/data pieces of `prompt`
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0
 
     def emit(self, ev: Event) -> None:
         try:
@@ -130,6 +131,7 @@ class Worker:
                 job.emit(Done("cancelled"))
                 continue
             self.busy = True
+            job.started = time.monotonic()
             try:
                 self._run(job)
             except Exception as e:  # keep serving: one bad job must not kill the worker
@@ -298,6 +300,14 @@ class Worker:
         if parser.calls_done and calls and not gen.continues_assistant:
             self._remember(gen.thinking_mode, "".join(completion), "".join(visible), calls)
         usage = Usage(total, cached, n)
+        log.info(
+            "request done: %d prompt tokens (%d cached), %d generated, finish=%s, %.2fs in queue",
+            total,
+            cached,
+            n,
+            finish,
+            job.started - job.enqueued,
+        )
         job.emit(Done(finish, usage, stopper.matched))
 
     def _remember(self, mode: str, completion: str, content: str, call_ids: list[str]) -> None:
