@@ -446,23 +446,33 @@ class Model:
         wts = linear(x, w[p + "indexer.weights_proj.weight"]) * (di**-0.5 * hi**-0.5)  # [S, Hi]
         keys = st.index.rows  # [n, Di]
         qf = qi.reshape(s * hi, di)
-        # Score in tiles of rows so the [S, Hi, tile] intermediate stays ≤ ~64M floats (a
-        # 2048-token chunk at 1M context would otherwise materialise 2048·64·262144 values).
+        thr_mx = mx.array(thr.astype(np.int32))
+        k = min(cfg.index_topk, n)
+        if k == n:  # every row is a candidate; invisible ones are masked below
+            idx = mx.broadcast_to(mx.arange(n, dtype=mx.int32)[None], (s, n))
+            return idx, idx < thr_mx[:, None]
+        # Score the rows in tiles with a running top-k (spec §2.7): the [S, Hi, tile]
+        # intermediate stays ≤ ~64M floats and nothing of size [S, n] is materialised (a
+        # 2048-token chunk at 1M context would otherwise need 2048·64·262144 values).
         tile = max(1, _INDEX_TILE_ELEMS // (s * hi))
-        parts = []
+        best_v = best_i = None
         for a in range(0, n, tile):
             kt = keys[a : a + tile]
-            dots = mx.maximum((qf @ kt.T).reshape(s, hi, kt.shape[0]), 0.0)
-            parts.append((dots * wts[:, :, None]).sum(axis=1))  # [S, tile]
-        score = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)  # [S, n]
-        thr_mx = mx.array(thr.astype(np.int32))
-        vis = mx.arange(n)[None, :] < thr_mx[:, None]
-        score = mx.where(vis, score, -mx.inf)
-        k = min(cfg.index_topk, n)
-        if k == n:
-            idx = mx.broadcast_to(mx.arange(n, dtype=mx.int32)[None], (s, n))
-        else:
-            idx = mx.argpartition(-score, kth=k - 1, axis=-1)[:, :k].astype(mx.int32)
+            m = kt.shape[0]
+            dots = mx.maximum((qf @ kt.T).reshape(s, hi, m), 0.0)
+            sc = (dots * wts[:, :, None]).sum(axis=1)  # [S, m]
+            ids = mx.arange(a, a + m, dtype=mx.int32)
+            sc = mx.where(ids[None, :] < thr_mx[:, None], sc, -mx.inf)  # visibility
+            ids = mx.broadcast_to(ids[None], (s, m))
+            if best_v is not None:
+                sc = mx.concatenate([best_v, sc], axis=1)
+                ids = mx.concatenate([best_i, ids], axis=1)
+            if sc.shape[1] > k:
+                sel = mx.argpartition(-sc, kth=k - 1, axis=-1)[:, :k]
+                sc = mx.take_along_axis(sc, sel, axis=-1)
+                ids = mx.take_along_axis(ids, sel, axis=-1)
+            best_v, best_i = sc, ids
+        idx = best_i
         valid = idx < thr_mx[:, None]
         return idx, valid
 
