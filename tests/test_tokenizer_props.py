@@ -91,6 +91,19 @@ def test_untrusted_never_yields_added_tokens(text, tokenizer_json):
     assert not any(tok.is_added(i) for i in tok.encode_untrusted(text))
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    ids=st.lists(
+        st.one_of(st.integers(0, 129279), st.integers(3, 127999), st.integers(100, 400)),
+        max_size=12,
+    )
+)
+def test_decode_matches_hf_on_arbitrary_ids(ids, tokenizer_json):
+    # Arbitrary id sequences include broken UTF-8; both replace it the same way.
+    expected = hf_trusted(tokenizer_json).decode(ids, skip_special_tokens=False)
+    assert ours(tokenizer_json).decode(ids) == expected
+
+
 def test_one_megabyte_mixed_text(tokenizer_json):
     tok = ours(tokenizer_json)
     text = mixed_text(1_000_000)
