@@ -152,6 +152,12 @@ class SnapshotIndex:
         return best
 
 
+class ContextOverflow(Exception):
+    def __init__(self, total: int) -> None:
+        super().__init__(f"prompt of {total} tokens")
+        self.total = total
+
+
 @dataclass
 class CachePolicy:
     min_snapshot_tokens: int = 512
@@ -223,9 +229,17 @@ class PromptCache:
 
         return segments_to_ids(self.tok, slice_segments(segments, start))
 
-    def plan(self, prompt: str, segments: list[Any], turn_snapshot: bool = True) -> Plan:
+    def plan(
+        self, prompt: str, segments: list[Any], turn_snapshot: bool = True, ctx: int = 0
+    ) -> Plan:
         """How to serve `prompt` (whose `segments` concatenate to it): what is cached, which
-        ids remain to prefill, where to snapshot on the way. May replace the live state."""
+        ids remain to prefill, where to snapshot on the way. May replace the live state, but
+        not for a prompt that does not fit `ctx` (raises ContextOverflow first)."""
+
+        def check(total: int) -> None:
+            if ctx and total >= ctx:
+                raise ContextOverflow(total)
+
         pb = prompt.encode("utf-8")
         live = self.live_bytes()
         live_ok = (
@@ -237,6 +251,10 @@ class PromptCache:
         hit = self.index.longest(pb, min_bytes) if self.backend is not None else None
         if hit is not None and hit.n_tokens > 0:
             suffix = _decode_suffix(pb, hit.n_bytes)
+            ids = []
+            if suffix is not None:
+                ids = self.tokenize(segments, len(prompt) - len(suffix))
+                check(hit.n_tokens + len(ids))
             state = self.backend.load(hit.key) if suffix is not None else None
             if state is not None and state.n_tokens == hit.n_tokens:
                 if not live_ok:
@@ -245,7 +263,6 @@ class PromptCache:
                 self._live, self._live_n = bytearray(), 0
                 if self.live_bytes() == pb[: hit.n_bytes]:
                     self.stats["disk_hits"] += 1
-                    ids = self.tokenize(segments, len(prompt) - len(suffix))
                     return Plan(
                         hit.n_tokens,
                         ids,
@@ -262,10 +279,11 @@ class PromptCache:
             return Plan(
                 self._live_n, ids, self._checkpoints(self._live_n, ids, False, turn_snapshot)
             )
+        ids = self.tokenize(segments)
+        check(len(ids))
         self.stats["misses"] += 1
         self.save_live("evict")
         self.reset()
-        ids = self.tokenize(segments)
         return Plan(0, ids, self._checkpoints(0, ids, True, turn_snapshot))
 
     def _checkpoints(self, cached: int, ids: list[int], cold: bool, turn: bool) -> list[int]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ds4_agent.agent.server_cache import PromptCache
+from ds4_agent.agent.server_cache import ContextOverflow, PromptCache
 from ds4_agent.agent.server_completion import CompletionParser
 from ds4_agent.agent.server_convert import GenRequest, Sampling
 from ds4_agent.agent.server_events import (
@@ -156,12 +156,16 @@ class Worker:
         # Thinking without tools: the encoder drops this turn's reasoning next time, so the
         # next prompt diverges right after this prompt's <｜Assistant｜> (see server_cache).
         gen = job.gen
-        plan = self.cache.plan(
-            job.prompt,
-            job.segments,
-            turn_snapshot=gen.thinking_mode == "thinking" and not gen.has_tools,
-        )
-        total = plan.prompt_tokens
+        try:
+            plan = self.cache.plan(
+                job.prompt,
+                job.segments,
+                turn_snapshot=gen.thinking_mode == "thinking" and not gen.has_tools,
+                ctx=self.ctx,
+            )
+            total = plan.prompt_tokens
+        except ContextOverflow as e:
+            total = e.total
         if total >= self.ctx:
             job.emit(
                 Failed(

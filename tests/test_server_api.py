@@ -477,13 +477,21 @@ def test_api_key_is_required_off_loopback(tokenizer_json: Path, scripts: Scripts
         assert msg.content[0].text == "ok"
 
 
-def test_context_overflow_is_a_400(tokenizer_json: Path) -> None:
-    with start_server(tokenizer_json, None, ctx=300) as srv:
+def test_context_overflow_is_a_400(tokenizer_json: Path, scripts: Scripts) -> None:
+    with start_server(tokenizer_json, None, scripts, ctx=300) as srv:
         c = _oai(srv.url)
+        scripts.push_text("fine")
+        short = [{"role": "user", "content": "short question"}]
+        r = c.chat.completions.create(model=MODEL_NAME, messages=short, **_no_think())
+        live = srv.server.cache.state.n_tokens
+        assert live > 0
         with pytest.raises(openai.BadRequestError, match="--ctx"):
             c.chat.completions.create(
                 model=MODEL_NAME, messages=[{"role": "user", "content": "word " * 400}]
             )
+        # The refused request did not throw the live state away.
+        assert srv.server.cache.state.n_tokens == live
+        assert r.choices[0].message.content == "fine"
 
 
 def test_keepalive_comments_during_prefill(tokenizer_json: Path, scripts: Scripts) -> None:
