@@ -214,6 +214,8 @@ class ToolBlockEnd:
 
 @dataclass(frozen=True)
 class Error:
+    """The turn is malformed; nothing after it is parsed, so generation can stop here."""
+
     error: ParseError
 
 

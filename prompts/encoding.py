@@ -151,7 +151,7 @@ def _tool_result_text(content: Any) -> str:
             else:
                 parts.append(f"[Unsupported {b.get('type')}]")
         return "\n\n".join(parts)
-    return "" if content is None else _str(content)
+    return _str(content)  # the official template formats a None content as "None"
 
 
 # ---------------------------------------------------------------------------- preprocessing

@@ -98,7 +98,7 @@ def conversation(draw):
                 m["task"] = draw(st.sampled_from(["action", "query", "title"]))
             msgs.append(m)
         elif role == "assistant":
-            m = {"role": "assistant", "content": draw(text)}
+            m = {"role": "assistant", "content": draw(st.one_of(text, st.none()))}
             if draw(st.booleans()):
                 m["reasoning_content"] = draw(text)
             if draw(st.booleans()):
@@ -112,6 +112,7 @@ def conversation(draw):
                 content = draw(
                     st.one_of(
                         text,
+                        st.none(),
                         st.lists(
                             st.one_of(
                                 st.builds(lambda t: {"type": "text", "text": t}, text),
