@@ -426,8 +426,9 @@ def _turn_ids(tokenizer: Tokenizer, seg: Segment) -> list[int] | None:
     """The sampled ids of an assistant turn, when they spell exactly the rendered turn.
 
     The sampled ids may lack the final EOS (generation stopped at the end of a tool-call block and
-    EOS is appended here) and may carry reasoning that this rendering drops (only the part after
-    `</think>` is used then). Anything else means the message was edited: re-tokenize it.
+    EOS is appended here), end with an EOS that a `wo_eos` turn leaves out, and carry reasoning
+    that this rendering drops (only the part after `</think>` is used then). Anything else means
+    the message was edited: it is re-tokenized from its text.
     """
     if seg.token_ids is None:
         return None
@@ -436,12 +437,15 @@ def _turn_ids(tokenizer: Tokenizer, seg: Segment) -> list[int] | None:
     think_end = tokenizer.token_id(protocol().think_end)
     if think_end in ids:
         candidates.append(ids[ids.index(think_end) + 1 :])
+    eos = tokenizer.eos_id
     for cand in candidates:
         text = tokenizer.decode(cand)
         if text == seg.text:
             return cand
         if text + protocol().eos == seg.text:
-            return [*cand, tokenizer.eos_id]
+            return [*cand, eos]
+        if cand and cand[-1] == eos and tokenizer.decode(cand[:-1]) == seg.text:
+            return cand[:-1]  # a `wo_eos` turn whose sampled ids did end with EOS
     return None
 
 

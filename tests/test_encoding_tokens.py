@@ -72,6 +72,17 @@ def test_missing_eos_is_appended_and_dropped_reasoning_is_cut(tok):
     assert ids[start : start + len(sampled) + 1] == [*sampled, EOS_ID]
 
 
+def test_wo_eos_turn_drops_a_sampled_eos(tok):
+    sampled = [*_odd_ids(tok, "partial answer"), EOS_ID]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "partial answer", "wo_eos": True, "token_ids": sampled},
+    ]
+    ids = render_tokens(tok, msgs, thinking_mode="chat")
+    assert ids[-len(sampled) + 1 :] == sampled[:-1]
+    assert tok.decode(ids) == encode_messages(msgs, thinking_mode="chat")
+
+
 def test_edited_message_is_retokenized(tok):
     msgs = [
         {"role": "user", "content": "hi"},
