@@ -13,6 +13,7 @@ converter) are imported inside the handlers so `--help` stays instant.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -76,18 +77,40 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _smallest_mac(fits: dict) -> str:
+    for gb, f in fits.items():
+        if f.fits:
+            return f"{gb} GB ({f.label.removeprefix('yes, ')})"
+    return "none"
+
+
 def _print_sizes(
-    console: Any, entries: dict, title: str, tier: str, shard_bytes: int, no_mtp: bool
+    console: Any,
+    entries: dict,
+    title: str,
+    tier: str,
+    shard_bytes: int,
+    no_mtp: bool,
+    config: dict | None = None,
 ):
     from ds4_agent.engine import convert as cv
-    from ds4_agent.engine.convert_sizes import TIER_TARGET_GIB
+    from ds4_agent.engine.convert_sizes import FLASH_CONFIG, TIER_TARGET_GIB, mac_fits
     from rich.table import Table
 
     tensors = cv.source_tensors(entries)
     if no_mtp:
         tensors = [t for t in tensors if not t.name.startswith("mtp.")]
     table = Table(title=title)
-    for col in ("tier", "expert group", "output size", "target", "meets target", "peak RAM bound"):
+    cols = (
+        "tier",
+        "expert group",
+        "output size",
+        "target",
+        "meets target",
+        "peak RAM",
+        "smallest Mac",
+    )
+    for col in cols:
         table.add_column(col)
     for t in cv.TIERS:
         groups = cv.GROUP_CANDIDATES if t in cv.EXPERT_BITS else (32,)
@@ -102,6 +125,7 @@ def _print_sizes(
                 f"≤ {target:.0f} GiB",
                 "yes" if size <= target * 2**30 else "no",
                 _gib(cv.peak_ram_bound(plan, shard_bytes)),
+                _smallest_mac(mac_fits(size, config or FLASH_CONFIG)),
             )
     console.print(table)
     return tensors
@@ -123,13 +147,18 @@ def run_convert(args: argparse.Namespace) -> int:
         if args.dry_run:
             if src in (None, "flash"):
                 entries, title = flash_entries(), "DeepSeek V4 Flash (published shapes, no data)"
+                config = None
             elif str(src).endswith(".gguf"):
                 return fail(
                     "--dry-run reads official checkpoints or 'flash'; run `model info` on GGUF files"
                 )
             else:
                 entries, title = Checkpoint(src).entries, f"{src} (shapes only)"
-            tensors = _print_sizes(console, entries, title, args.tier, shard_bytes, args.no_mtp)
+                cfg_path = Path(src) / "config.json"
+                config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+            tensors = _print_sizes(
+                console, entries, title, args.tier, shard_bytes, args.no_mtp, config
+            )
             if args.tier in cv.EXPERT_BITS and not args.group_size:
                 g, _ = cv.choose_group_size(tensors, args.tier, {})
                 console.print(

@@ -309,8 +309,12 @@ def test_flash_dry_run_sizes_meet_targets() -> None:
     )
 
 
-def test_cli_dry_run_prints_tiers(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_dry_run_prints_tiers(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import argparse
+
+    monkeypatch.setenv("COLUMNS", "200")
 
     from ds4_agent.agent.model_convert import register_convert
 
@@ -320,6 +324,7 @@ def test_cli_dry_run_prints_tiers(capsys: pytest.CaptureFixture[str]) -> None:
     assert args.func(args) == 0
     err = capsys.readouterr().err
     assert "90.60 GiB" in err and "148.81 GiB" in err and "group size 64" in err
+    assert "128 GB (context up to 1M tokens)" in err
 
 
 def test_memory_fit(src: Path, tmp_path: Path) -> None:
