@@ -139,13 +139,21 @@ class Engine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {v})")
 
     def _advance(self, state: DecodeState, ids: list[int], all_logits: bool = False) -> mx.array:
-        """Run one chunk transactionally: the forward pass and its evaluation work on a scratch
-        copy that replaces the state only once everything is computed, so an exception or a
-        Ctrl-C mid-chunk leaves the state exactly as it was (a valid prefix)."""
-        work = state.clone(copy_tokens=False)  # O(layers); the token list is shared, unchanged
-        logits = self.model.forward(work, ids, all_logits=all_logits)
-        mx.eval(logits, *work.arrays())
-        state.__dict__.update(work.__dict__)
+        """Run one chunk transactionally: on an exception (or Ctrl-C) the state is rolled back
+        to exactly what it was (a valid prefix).
+
+        The rollback snapshot holds only the small arrays and the row counts, not second
+        references to the growable row buffers: an append then finds its buffer referenced
+        once and MLX updates it in place (donation) instead of copying the whole cache per
+        row. Rows below the old counts are never written, so rolling back the counts suffices.
+        """
+        snap = state.checkpoint()
+        try:
+            logits = self.model.forward(state, ids, all_logits=all_logits)
+            mx.eval(logits, *state.arrays())
+        except BaseException:
+            state.rollback(snap)
+            raise
         state.tokens.extend(ids)
         return logits
 

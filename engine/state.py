@@ -155,6 +155,31 @@ class DecodeState:
                 out.mtp_layer.raw_pos = self.mtp_layer.raw_pos.copy()
         return out
 
+    def checkpoint(self) -> tuple:
+        """A cheap snapshot for `rollback`: small arrays and row counts (see Engine._advance)."""
+        layers = [
+            (
+                ls.raw,
+                dict(ls.front),
+                ls.comp.n if ls.comp is not None else 0,
+                ls.index.n if ls.index is not None else 0,
+                ls.raw_pos,
+            )
+            for ls in self.layers
+        ]
+        mtp = copy.copy(self.mtp_layer) if self.mtp_layer is not None else None
+        return (len(self.tokens), self.logits, self.last_streams, mtp, layers)
+
+    def rollback(self, snap: tuple) -> None:
+        n_tokens, self.logits, self.last_streams, self.mtp_layer, layers = snap
+        del self.tokens[n_tokens:]
+        for ls, (raw, front, n_comp, n_index, raw_pos) in zip(self.layers, layers, strict=True):
+            ls.raw, ls.front, ls.raw_pos = raw, front, raw_pos
+            if ls.comp is not None:
+                ls.comp.n = n_comp
+            if ls.index is not None:
+                ls.index.n = n_index
+
     def arrays(self) -> list[mx.array]:
         """All arrays, for `mx.eval` after a chunk (bounds the lazy graph)."""
         out: list[mx.array] = []
