@@ -87,7 +87,7 @@ class LoopConfig:
     max_repeats: int = 3  # the same call (name + arguments) at most this often per turn
     max_round_tokens: int = 32768  # sampled tokens per assistant round
     ctx_limit: int = 65536
-    prefill_chunk: int = 2048
+    prefill_chunk: int = 512  # prefill chunk: interrupt and progress granularity
     reserve_tokens: int = 1024  # kept free for tool results when checking fit
 
     @property

@@ -32,8 +32,6 @@ DSML = "｜DSML｜"
 CALLS_OPEN = f"<{DSML}tool_calls>"
 CALLS_CLOSE = f"</{DSML}tool_calls>"
 
-_PLACEHOLDER = "\x00ds4-agent-system-text\x00"
-
 
 class TokenizerLike(Protocol):
     def encode_trusted(self, text: str) -> list[int]: ...
@@ -80,7 +78,9 @@ class Renderer:
 
     def tool_results(self, results: Sequence[str], thinking: bool, note: str = "") -> list[int]:
         # Official: results joined by "\n\n"; a user note in the same turn follows after "\n\n".
-        body = "\n\n".join(f"<tool_result>{escape_result(r)}</tool_result>" for r in results)
+        # Raw, as the official encoder renders them (see prompts/encoding.py on escaping):
+        # results are plain text, so they cannot contain control tokens anyway.
+        body = "\n\n".join(f"<tool_result>{r}</tool_result>" for r in results)
         if note:
             body = f"{body}\n\n{note}" if body else note
         return [self.sp.user, *self.tok.encode_untrusted(body), *self.assistant_prefix(thinking)]
@@ -98,28 +98,18 @@ class Renderer:
     ) -> list[int]:
         """BOS + [effort paragraph] + system text + tool preamble and schemas.
 
-        Rendered by the official encoder around a placeholder, so the protocol texts are
-        exactly the official ones; the system text itself goes in as untrusted text.
+        Rendered by the project's official-equivalent encoder at token level: the protocol
+        texts are scaffolding (their special strings become special ids), while the system
+        text and the schemas are data (plain text, so AGENTS.md cannot forge a turn).
         """
         if not tools and reasoning_effort != "max":
             # Without tools or effort paragraph the official rendering is BOS + the text.
             return [self.sp.bos, *self.tok.encode_untrusted(system_text)]
-        from ds4_agent.prompts.encoding import encode_messages
+        from ds4_agent.prompts.encoding import render_tokens
 
-        msg: dict[str, Any] = {"role": "system", "content": _PLACEHOLDER}
+        msg: dict[str, Any] = {"role": "system", "content": system_text}
         if tools:
             msg["tools"] = tools
-        rendered = encode_messages(
-            [msg], thinking_mode="thinking", reasoning_effort=reasoning_effort
+        return render_tokens(
+            self.tok, [msg], thinking_mode="thinking", reasoning_effort=reasoning_effort
         )
-        before, after = rendered.split(_PLACEHOLDER)
-        return [
-            *self.tok.encode_trusted(before),
-            *self.tok.encode_untrusted(system_text),
-            *self.tok.encode_trusted(after),
-        ]
-
-
-def escape_result(text: str) -> str:
-    # A literal closing tag inside a result would end it early in the model's eyes.
-    return text.replace("</tool_result>", "&lt;/tool_result>")

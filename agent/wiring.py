@@ -53,13 +53,18 @@ def build_tools(
     mode: str | None = None,
     allow: list[str] | None = None,
     deny: list[str] | None = None,
+    enabled: list[str] | None = None,
 ) -> Any:
     """The tool registry for `root`, with the permission policy from the settings files
     (user, project, local) overridden by the command line (--permission-mode/--allow/--deny).
 
-    `DS4_AGENT_TOOLS=none` runs the model without tools (plain chat); returns None then."""
-    if os.environ.get("DS4_AGENT_TOOLS", "").lower() == "none":
+    `DS4_AGENT_TOOLS=none` runs the model without tools (plain chat; returns None), and
+    `DS4_AGENT_TOOLS=Read,Grep,…` offers only those tools (a smaller system prompt)."""
+    env = os.environ.get("DS4_AGENT_TOOLS", "").strip()
+    if env.lower() == "none":
         return None
+    if env and enabled is None:
+        enabled = [t.strip() for t in env.split(",") if t.strip()]
     from ds4_agent.agent.paths import config_dir
     from ds4_agent.tools.permissions import Rule, RuleError
     from ds4_agent.tools.registry import ToolRegistry
@@ -72,7 +77,7 @@ def build_tools(
         settings.deny += [Rule.parse(r, "command line") for r in deny or []]
         ws = Workspace(root, extra_dirs=settings.additional_directories)
         policy = settings.policy(root, is_secret=ws.is_secret, mode=mode)
-        return ToolRegistry.from_data(ws, policy=policy)
+        return ToolRegistry.from_data(ws, policy=policy, enabled=enabled)
     except (RuleError, ValueError, OSError) as e:
         raise CommandError(f"could not set up the tools: {e}") from None
 

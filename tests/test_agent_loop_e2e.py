@@ -88,9 +88,9 @@ def _check_invariants(a: Agent) -> None:
 def test_turn_with_reasoning_and_two_tool_calls(tok, ws):
     rounds = script(
         tok,
-        "I should read the file and run it.</think>Let me look."
+        "Read, run.</think>Look."
         + call_block(("Read", {"file_path": "a.py"}), ("Bash", {"command": "python3 a.py"})),
-        "It prints hello.</think>The script prints `hello`.",
+        "</think>The script prints `hello`.",
     )
     ev = Recorder()
     a = make_agent(tok, ws, rounds, ev)
@@ -120,9 +120,9 @@ def test_malformed_call_then_retry(tok, ws):
     )
     rounds = script(
         tok,
-        "Read it.</think>" + bad,
-        "Fix the call.</think>" + call_block(("Read", {"file_path": "a.py"})),
-        "Done.</think>It prints hello.",
+        "</think>" + bad,
+        "</think>" + call_block(("Read", {"file_path": "a.py"})),
+        "</think>It prints hello.",
     )
     ev = Recorder()
     a = make_agent(tok, ws, rounds, ev)
@@ -196,8 +196,8 @@ def test_interrupt_stops_a_running_shell_command(tok, ws):
 def test_queued_prompt_goes_into_the_next_tool_results_turn(tok, ws):
     rounds = script(
         tok,
-        "Read.</think>" + call_block(("Read", {"file_path": "a.py"})),
-        "The user asked more.</think>Also: it is one line.",
+        "</think>" + call_block(("Read", {"file_path": "a.py"})),
+        "</think>Also: it is one line.",
     )
     ev = Recorder()
     a = make_agent(tok, ws, rounds, ev)

@@ -13,14 +13,21 @@ from ds4_agent.agent.controller import Controller
 from ds4_agent.agent.kvstate import KVSnapshots
 from ds4_agent.agent.slash import Shell, expand_mentions, run_slash
 from ds4_agent.agent.ui_render import Status, TerminalEvents, make_console
-from ds4_agent.agent.wiring import open_snapshot_store
 from ds4_agent.engine.sampling import ScriptedSampler
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def kv(tmp_path_factory):
+    # Shared by the module's tests: the system prefix is prefilled once, then warm-started.
+    from ds4_agent.sessions.store import SnapshotStore
+
+    return KVSnapshots(engine(), SnapshotStore(tmp_path_factory.mktemp("kv")))
+
+
 @pytest.fixture
-def shell(tmp_path, monkeypatch, tokenizer_json):
+def shell(tmp_path, monkeypatch, tokenizer_json, kv):
     monkeypatch.setenv("DS4_AGENT_HOME", str(tmp_path / "home"))
     root = tmp_path / "repo"
     root.mkdir()
@@ -39,7 +46,7 @@ def shell(tmp_path, monkeypatch, tokenizer_json):
     rounds = script(
         tok, "</think>One.", "</think>Two.", "Three.", "</think>Four."
     )  # 3rd: chat mode
-    rt = Runtime(engine(), tok, None, KVSnapshots(engine(), open_snapshot_store()), model_dir())
+    rt = Runtime(engine(), tok, None, kv, model_dir())
     args = _agent_parser().parse_args(["-n", "work"])
     ctrl = Controller(args, rt, root, events, status, sampler=ScriptedSampler(rounds))
     ctrl.open(ctrl.store.create("work"), True)

@@ -35,8 +35,21 @@ from pydantic import TypeAdapter
 pytestmark = pytest.mark.slow
 
 
-def _kv():
-    store = open_snapshot_store()
+SHARED_KV: list = []  # one store per test module and worker: warm starts after the first test
+
+
+def _kv(shared: bool):
+    if shared and SHARED_KV:
+        return SHARED_KV[0]
+    if shared:
+        import tempfile
+
+        from ds4_agent.sessions.store import SnapshotStore
+
+        kv = KVSnapshots(engine(), SnapshotStore(tempfile.mkdtemp(prefix="ds4-agent-kv-")))
+        SHARED_KV.append(kv)
+        return kv
+    store = open_snapshot_store()  # the store under this test's DS4_AGENT_HOME
     assert store is not None, "the snapshot store failed to import or open"
     return KVSnapshots(engine(), store)
 
@@ -69,13 +82,15 @@ def repo(tmp_path, monkeypatch):
     return root
 
 
-def headless(tok, argv, rounds, tools=False, stdin=""):
+def headless(tok, argv, rounds, tools=False, stdin="", own_store=False):
     args = _agent_parser().parse_args(argv)
     rt = Runtime(
         engine=engine(),
         tokenizer=tok,
-        tools=build_tools(os.getcwd(), mode=args.permission_mode) if tools else None,
-        kv=_kv(),
+        tools=build_tools(os.getcwd(), mode=args.permission_mode, enabled=["LS"])
+        if tools
+        else None,
+        kv=_kv(shared=not own_store),
         model_dir=model_dir(),
     )
     out = io.StringIO()
@@ -83,12 +98,17 @@ def headless(tok, argv, rounds, tools=False, stdin=""):
     return code, out.getvalue()
 
 
+def headless_own(*args, **kw):
+    """A run with the snapshot store of this test alone (cold first start)."""
+    return headless(*args, own_store=True, **kw)
+
+
 def result_of(stdout: str) -> ResultMessage:
     return ResultMessage.model_validate_json(stdout.strip().splitlines()[-1])
 
 
 def test_json_result_resume_with_zero_prefill_warm_start_and_fork(tok, repo):
-    code, out = headless(
+    code, out = headless_own(
         tok, ["-p", "hi", "-n", "s1", "--output-format", "json"], script(tok, "</think>Hello.")
     )
     assert code == EXIT_OK
@@ -101,7 +121,7 @@ def test_json_result_resume_with_zero_prefill_warm_start_and_fork(tok, repo):
     assert s1.meta.snapshot is not None and s1.meta.snapshot.n_tokens == history
 
     # Resume: the whole history comes from the snapshot; only the new turn is prefilled.
-    code, out = headless(
+    code, out = headless_own(
         tok, ["-p", "again", "-r", "s1", "--output-format", "json"], script(tok, "</think>Again.")
     )
     r2 = result_of(out)
@@ -111,7 +131,7 @@ def test_json_result_resume_with_zero_prefill_warm_start_and_fork(tok, repo):
     assert user_turn.kind == "user" and r2.prefill_tokens == len(user_turn.tokens)
 
     # Warm start: a new session restores the shared system prefix instead of prefilling it.
-    code, out = headless(
+    code, out = headless_own(
         tok, ["-p", "new", "-n", "s2", "--output-format", "json"], script(tok, "</think>New.")
     )
     r3 = result_of(out)
@@ -122,7 +142,7 @@ def test_json_result_resume_with_zero_prefill_warm_start_and_fork(tok, repo):
     # Fork: the child continues; the parent's files stay byte for byte.
     parent = store_for().resolve("s1")
     before = parent.transcript_path().read_bytes(), (parent.dir / "meta.json").read_bytes()
-    code, out = headless(
+    code, out = headless_own(
         tok,
         ["-p", "branch", "-r", "s1", "--fork-session", "-n", "s1-b", "--output-format", "json"],
         script(tok, "</think>Forked."),
@@ -140,7 +160,7 @@ def test_json_result_resume_with_zero_prefill_warm_start_and_fork(tok, repo):
 
 @pytest.mark.parametrize("damage", ["delete", "corrupt"])
 def test_missing_or_corrupt_snapshot_rebuilds_with_notice(tok, repo, capfd, damage):
-    code, _ = headless(
+    code, _ = headless_own(
         tok, ["-p", "hi", "-n", "s", "--output-format", "json"], script(tok, "</think>One.")
     )
     assert code == EXIT_OK
@@ -155,7 +175,7 @@ def test_missing_or_corrupt_snapshot_rebuilds_with_notice(tok, repo, capfd, dama
             data[len(data) // 2] ^= 0xFF
             p.write_bytes(bytes(data))
     capfd.readouterr()
-    code, out = headless(
+    code, out = headless_own(
         tok, ["-p", "two", "-r", "s", "--output-format", "json"], script(tok, "</think>Two.")
     )
     r = result_of(out)
@@ -167,7 +187,7 @@ def test_missing_or_corrupt_snapshot_rebuilds_with_notice(tok, repo, capfd, dama
     s = store_for().resolve("s")
     assert [e.kind for e in s.transcript][-2:] == ["user", "assistant"]
     # And the rebuilt session was snapshotted again: the next resume is instant.
-    code, out = headless(
+    code, out = headless_own(
         tok, ["-p", "three", "-r", "s", "--output-format", "json"], script(tok, "</think>Three.")
     )
     assert code == EXIT_OK and result_of(out).kv_restored
@@ -177,24 +197,24 @@ def test_stream_json_events_validate(tok, repo):
     _needs_encoder()
     rounds = script(
         tok,
-        "Look.</think>Reading." + call_block(("Read", {"file_path": "a.py"})),
-        "</think>It prints hello.",
+        "</think>Listing." + call_block(("LS", {"path": "."})),
+        "</think>There is a.py.",
     )
     code, out = headless(
         tok,
-        ["-p", "read a.py", "--output-format", "stream-json", "--permission-mode", "read-only"],
+        ["-p", "list", "--output-format", "stream-json", "--permission-mode", "read-only"],
         rounds,
         tools=True,
     )
     assert code == EXIT_OK
     events = [EVENT.validate_json(line) for line in out.strip().splitlines()]
     assert [e.type for e in events] == ["system", "assistant", "user", "assistant", "result"]
-    assert events[0].subtype == "init" and "Read" in events[0].tools
+    assert events[0].subtype == "init" and events[0].tools == ["LS"]
     use = events[1].message.content[-1]
-    assert use.type == "tool_use" and use.name == "Read" and use.input == {"file_path": "a.py"}
+    assert use.type == "tool_use" and use.name == "LS" and use.input == {"path": "."}
     res = events[2].message.content[0]
-    assert res.tool_use_id == use.id and "print('hello')" in res.content
-    assert events[-1].result == "It prints hello." and events[-1].num_turns == 2
+    assert res.tool_use_id == use.id and "a.py" in res.content and not res.is_error
+    assert events[-1].result == "There is a.py." and events[-1].num_turns == 2
 
 
 def test_text_output_is_only_the_answer(tok, repo, capfd):
