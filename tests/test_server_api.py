@@ -303,6 +303,36 @@ def test_restart_restores_from_disk(tokenizer_json: Path, scripts: Scripts, tmp_
     assert r2.usage.prompt_tokens - r2.usage.prompt_tokens_details.cached_tokens < 20
 
 
+def test_corrupt_snapshot_falls_back_to_prefill(
+    tokenizer_json: Path, scripts: Scripts, tmp_path: Path
+) -> None:
+    kv = tmp_path / "kv"
+    messages = [{"role": "user", "content": "Tell me about snapshots, please."}]
+    scripts.push_text("They store state.")
+    with start_server(tokenizer_json, kv, scripts) as srv:
+        r1 = _oai(srv.url).chat.completions.create(
+            model=MODEL_NAME, messages=messages, **_no_think()
+        )
+    snaps = list(kv.rglob("*.snap"))
+    assert snaps
+    for p in snaps:  # flip one byte in the middle of every snapshot
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
+    messages += [
+        {"role": "assistant", "content": r1.choices[0].message.content},
+        {"role": "user", "content": "And then?"},
+    ]
+    scripts.push_text("Then they load.")
+    with start_server(tokenizer_json, kv, scripts) as srv:
+        r2 = _oai(srv.url).chat.completions.create(
+            model=MODEL_NAME, messages=messages, **_no_think()
+        )
+        assert srv.server.cache.stats["disk_hits"] == 0
+    assert r2.choices[0].message.content == "Then they load."
+    assert r2.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_thinking_turns_reuse_the_turn_snapshot(
     tokenizer_json: Path, scripts: Scripts, tmp_path: Path
 ) -> None:
