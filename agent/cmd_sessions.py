@@ -150,11 +150,9 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def _register_gc(sub: argparse._SubParsersAction) -> None:
-    """`sessions gc` comes from the snapshot store, when it provides one."""
+    """`sessions gc` comes from the snapshot store (sessions/store_cli.py)."""
     try:
-        from ds4_agent.sessions import snapshot_gc  # type: ignore[attr-defined]
+        from ds4_agent.sessions.store_cli import register_gc
     except ImportError:
         return
-    register_gc = getattr(snapshot_gc, "register_gc", None)
-    if register_gc is not None:
-        register_gc(sub)
+    register_gc(sub)
