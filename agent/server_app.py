@@ -174,17 +174,21 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
         worker.submit(job)
         # Wait until the worker has tokenized the prompt (or refused it), watching for a
         # client that gives up while queued.
-        while True:
-            try:
-                ev = await asyncio.wait_for(job.events.get(), timeout=0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel.set()
-                    raise ApiError(400, "client disconnected") from None
-                continue
-            if isinstance(ev, Failed):
-                raise ApiError(ev.status, ev.message, param=ev.param)
-            return job, ev
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancel.set()
+                        raise ApiError(400, "client disconnected") from None
+                    continue
+                if isinstance(ev, Failed):
+                    raise ApiError(ev.status, ev.message, param=ev.param)
+                return job, ev
+        except asyncio.CancelledError:
+            job.cancel.set()  # the handler itself was cancelled (shutdown, disconnect)
+            raise
 
     async def events(job: Job, keepalive: bytes) -> AsyncIterator[Event | bytes]:
         """Worker events; `keepalive` whenever nothing happened for a while."""
@@ -199,6 +203,13 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
                 return
 
     async def collect(request: Request, job: Job, sink: Any) -> None:
+        try:
+            await _collect(request, job, sink)
+        except asyncio.CancelledError:
+            job.cancel.set()
+            raise
+
+    async def _collect(request: Request, job: Job, sink: Any) -> None:
         while True:
             try:
                 ev = await asyncio.wait_for(job.events.get(), timeout=0.5)
