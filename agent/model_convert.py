@@ -188,7 +188,7 @@ def run_convert(args: argparse.Namespace) -> int:
             shard_bytes,
             args.no_mtp,
         )
-        conv.resolve_group_size(lambda s: console.print(s))
+        conv.resolve_group_size(lambda s: console.print(s), args.output)
         if conv.group_table:
             for g, row in conv.group_table.items():
                 console.print(

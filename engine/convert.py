@@ -49,6 +49,8 @@ from ds4_agent.engine.mlx_format import (
     PlannedTensor,
     TensorFormat,
     WriteReport,
+    existing_fingerprint,
+    plan_fingerprint,
     write_tier,
 )
 from ds4_agent.engine.qtensor import QuantizedTensor, Weight
@@ -514,10 +516,17 @@ class OfficialConverter:
         self.group_table: dict[int, dict[str, float]] = {}
         self.stats: dict[str, dict[str, float]] = {}
 
-    def resolve_group_size(self, log: Callable[[str], None] = lambda s: None) -> int:
+    def resolve_group_size(
+        self, log: Callable[[str], None] = lambda s: None, out_dir: str | Path | None = None
+    ) -> int:
+        """The q2/q3 expert group size: forced by the options, else measured (once). When
+        `out_dir` holds an interrupted conversion made with one of the candidates, that one is
+        kept so the run resumes instead of being refused as a different conversion."""
         tier = self.options.tier
         if tier not in EXPERT_BITS:
             return 32
+        if self.group_size is not None:
+            return self.group_size
         if self.options.group_size:
             g = self.options.group_size
             if g not in GROUP_CANDIDATES:
@@ -527,8 +536,28 @@ class OfficialConverter:
         log("measuring the re-quantization error per group size on sampled experts…")
         measured = measure_groups(self.tensors, EXPERT_BITS[tier], self.calibration)
         g, self.group_table = choose_group_size(self.tensors, tier, measured)
+        previous = existing_fingerprint(Path(out_dir)) if out_dir is not None else None
+        if previous is not None:
+            for cand in self.group_table:
+                self.group_size = cand
+                if plan_fingerprint(self.plan(), self.config, tier, self.source()) == previous:
+                    if cand != g:
+                        log(
+                            f"resuming the earlier conversion's group size {cand} (measured best: {g})"
+                        )
+                    g = cand
+                    break
         self.group_size = g
         return g
+
+    def source(self) -> dict[str, Any]:
+        """JSON identity of the input and of every option that changes the output."""
+        src = source_identity(self.src, self.ckpt)
+        cal = self.options.calibration
+        src["calibration"] = _xxh(Path(cal).read_bytes()) if cal else None
+        src["search"] = self.options.search
+        src["mtp"] = self.options.include_mtp
+        return src
 
     def plan(self) -> list[PlannedTensor]:
         return build_plan(self.tensors, self.options.tier, self.group_size or 64)
@@ -604,14 +633,9 @@ class OfficialConverter:
         log: Callable[[str], None] = lambda s: None,
     ) -> ConvertResult:
         t0 = time.monotonic()
-        self.resolve_group_size(log)
+        self.resolve_group_size(log, out_dir)
         plan = self.plan()
-        source = source_identity(self.src, self.ckpt)
-        source["calibration"] = (
-            _xxh(Path(self.options.calibration).read_bytes()) if self.options.calibration else None
-        )
-        source["search"] = self.options.search
-        source["mtp"] = self.options.include_mtp
+        source = self.source()
         copy = [self.src / f for f in TOKENIZER_FILES if (self.src / f).is_file()]
         all_stats: dict[str, dict[str, float]] = {}
 

@@ -267,6 +267,17 @@ def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def existing_fingerprint(out_dir: Path) -> str | None:
+    """Fingerprint of the (finished or interrupted) conversion in `out_dir`, if any."""
+    manifest = _read_manifest(Path(out_dir))
+    if manifest is not None and manifest.get("fingerprint"):
+        return str(manifest["fingerprint"])
+    cfg = Path(out_dir) / "config.json"
+    with contextlib.suppress(OSError, json.JSONDecodeError, KeyError, TypeError):
+        return str(json.loads(cfg.read_text())["ds4_mlx"]["fingerprint"])
+    return None
+
+
 def prepare_output_dir(
     out_dir: Path, fingerprint: str, *, overwrite: bool = False
 ) -> dict[str, Any]:

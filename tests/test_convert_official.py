@@ -335,3 +335,29 @@ def test_memory_fit(src: Path, tmp_path: Path) -> None:
     check_memory_fit(src, 4096, memory_bytes=64 * GIB)
     with pytest.raises(InsufficientMemoryError, match="smaller tier"):
         check_memory_fit(src, 4096, memory_bytes=256 << 20)
+
+
+def test_resume_keeps_the_interrupted_runs_group_size(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun whose measurement would pick another group size (e.g. on another machine)
+    resumes the interrupted conversion instead of refusing it as a different model."""
+    out = tmp_path / "m"
+    conv = cv.OfficialConverter(src, cv.ConvertOptions("q2", shard_bytes=SHARD))
+
+    def stop(name: str, done: int, total: int) -> None:
+        if done > total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        conv.run(out, progress=stop)
+    first = conv.group_size
+    other = next(g for g in cv.GROUP_CANDIDATES if g != first)
+    real_choose = cv.choose_group_size
+    monkeypatch.setattr(cv, "choose_group_size", lambda *a: (other, real_choose(*a)[1]))
+    logs: list[str] = []
+    res = cv.OfficialConverter(src, cv.ConvertOptions("q2", shard_bytes=SHARD)).run(
+        out, log=logs.append
+    )
+    assert res.group_size == first and res.write.shards_reused > 0
+    assert any("resuming the earlier conversion's group size" in m for m in logs)
