@@ -463,8 +463,12 @@ class Agent:
             elif self.tools is None:
                 text, is_error = "Tool error: no tools are available in this session.", True
             else:
+                denials = getattr(ctx, "denials", None)
+                before = len(denials) if denials is not None else 0
                 r = self.tools.call(call.name, call.arguments, ctx)
                 text, is_error, display = r.text, r.is_error, r.display
+                for d in (denials or [])[before:]:
+                    d.setdefault("tool_use_id", call.id)  # headless results name the call
             self.events.tool_result(call, text, is_error, display)
             out.append(text)
         return out

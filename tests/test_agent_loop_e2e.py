@@ -60,10 +60,10 @@ class Recorder(AgentEvents):
         self.notices.append(message)
 
 
-def make_agent(tok, root, tokens, events=None, cfg=None, tools=True):
+def make_agent(tok, root, tokens, events=None, cfg=None, tools=True, **tool_kw):
     store = SessionStore(root.parent / "sessions", str(root))
     s = store.create("t")
-    reg = build_tools(root, mode="full-auto") if tools else None
+    reg = build_tools(root, **({"mode": "full-auto"} | tool_kw)) if tools else None
     a = Agent(
         engine(),
         tok,
@@ -292,3 +292,17 @@ def test_compaction_keeps_system_prefix_and_recent_tail(tok, ws):
     assert a.run_turn("continue").answer == "After."
     _check_invariants(a)
     assert tail_start(entries, 600) == 2
+
+
+def test_denied_call_is_reported_with_its_id(tok, ws):
+    rounds = script(
+        tok, "</think>" + call_block(("Bash", {"command": "rm -rf build"})), "</think>Not allowed."
+    )
+    ev = Recorder()
+    a = make_agent(tok, ws, rounds, ev, mode="auto-edit", deny=["Bash(rm:*)"])
+    r = a.run_turn("clean up")
+    assert r.status == "done" and r.answer == "Not allowed."
+    assert ev.results[0][2] and "Permission denied" in ev.results[0][1]
+    [d] = r.denials
+    assert d["tool_name"] == "Bash" and d["tool_use_id"] == "call_0_0"
+    assert d["tool_input"]["command"] == "rm -rf build"
