@@ -32,9 +32,9 @@ def compaction_prompt() -> str:
     return (resources.files("ds4_agent.prompts") / "compaction.md").read_text("utf-8").strip()
 
 
-def should_compact(n_tokens: int, ctx_limit: int) -> bool:
+def should_compact(n_tokens: int, ctx_limit: int, fraction: float = SOFT_FRACTION) -> bool:
     free = ctx_limit - n_tokens
-    return n_tokens >= SOFT_FRACTION * ctx_limit or free <= min(8192, ctx_limit // 4)
+    return n_tokens >= fraction * ctx_limit or free <= min(8192, ctx_limit // 4)
 
 
 def fits(n_tokens: int, extra: int, ctx_limit: int, reserve: int = 1024) -> bool:

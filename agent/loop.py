@@ -89,6 +89,7 @@ class LoopConfig:
     ctx_limit: int = 65536
     prefill_chunk: int = 512  # prefill chunk: interrupt and progress granularity
     reserve_tokens: int = 1024  # kept free for tool results when checking fit
+    compact_at: float = 0.85  # soft compaction trigger: this fraction of the context used
 
     @property
     def thinking(self) -> bool:
@@ -220,7 +221,7 @@ class Agent:
         from ds4_agent.agent.compaction import fits, should_compact
 
         n = len(self.tokens)
-        soft = should_compact(n, self.cfg.ctx_limit)
+        soft = should_compact(n, self.cfg.ctx_limit, self.cfg.compact_at)
         hard = extra > 0 and not fits(n, extra, self.cfg.ctx_limit, self.cfg.reserve_tokens)
         if self.compactor is None or not (soft or hard):
             return False

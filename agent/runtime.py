@@ -125,12 +125,13 @@ def _close_dangling_turn(agent: Agent) -> None:
         )
 
 
-def attach_compaction(agent: Agent, kv: KVSnapshots | None) -> None:
-    """Let the loop compact by itself when the context nears its limit."""
+def attach_compaction(agent: Agent, kv: KVSnapshots | None, sampler: Any = None) -> None:
+    """Let the loop compact by itself when the context nears its limit. `sampler` writes the
+    summary (default: greedy)."""
     from ds4_agent.agent.compaction import compact
 
     def run(a: Agent, focus: str = "") -> Any:
-        r = compact(a, kv, focus=focus)
+        r = compact(a, kv, focus=focus, sampler=sampler)
         a.events.notice(
             f"compacted {r.old_tokens} → {r.new_tokens} tokens (summary {r.summary_tokens}, "
             f"recent turns {r.tail_tokens}); the previous transcript is kept as epoch {r.old_epoch}"

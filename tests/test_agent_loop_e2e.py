@@ -306,3 +306,38 @@ def test_denied_call_is_reported_with_its_id(tok, ws):
     [d] = r.denials
     assert d["tool_name"] == "Bash" and d["tool_use_id"] == "call_0_0"
     assert d["tool_input"]["command"] == "rm -rf build"
+
+
+def test_interrupt_during_prefill(tok, ws):
+    class StopInPrefill(Recorder):
+        def prefill_progress(self, done, total, elapsed_s):
+            if done < total:
+                a.interrupt.set()
+
+    ev = StopInPrefill()
+    a = make_agent(tok, ws, script(tok, "</think>Late."), ev, tools=False)
+    r = a.run_turn("long question " * 40)  # several 64-token prefill chunks
+    assert r.status == "interrupted" and r.rounds == 0
+    assert a.session.transcript.entries[-1].tokens == [a.sp.think_end, a.sp.eos]
+    _check_invariants(a)  # the rest was prefilled after the turn ended: no rebuild needed
+    assert a.run_turn("short").answer == "Late."
+
+
+def test_soft_compaction_triggers_before_a_turn(tok, ws):
+    from ds4_agent.agent.runtime import attach_compaction
+
+    rounds = script(tok, "</think>First.", "</think>After compaction.")
+    cfg = LoopConfig(ctx_limit=1200, prefill_chunk=64, compact_at=0.3)
+    a = make_agent(tok, ws, rounds, tools=False, cfg=cfg)
+    summary = tok.encode_trusted("Summary: the user asked twice.")
+    attach_compaction(a, None, sampler=ScriptedSampler([*summary, a.sp.eos]))
+    a.run_turn("first " + "filler " * 380)  # over 30 % of the context afterwards
+    assert len(a.tokens) > 0.3 * 1200
+    assert a.session.meta.epoch == 0
+    r = a.run_turn("second")
+    assert r.answer == "After compaction."
+    assert a.session.meta.epoch == 1
+    kinds = [e.kind for e in a.session.transcript]
+    assert kinds[:2] == ["system", "summary"] and kinds[-2:] == ["user", "assistant"]
+    assert any("compacting the conversation" in n for n in a.events.notices)
+    _check_invariants(a)
