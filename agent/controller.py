@@ -113,6 +113,46 @@ class Controller:
         child.save_meta()
         return child
 
+    def rewind(self, n: int) -> tuple[int, str]:
+        """Go back before the last `n` user turns: the conversation (a new transcript epoch
+        that keeps the earlier turns token for token; the old epoch stays on disk) and the
+        files the agent wrote in those turns. Returns (tokens prefilled, files report).
+
+        The state comes from the snapshot store's longest stored prefix, normally the
+        snapshot saved at the end of the turn before: no re-rendering, usually no prefill.
+        """
+        assert self.agent is not None
+        a, s = self.agent, self.session
+        entries = list(s.transcript.entries)
+        starts = [i for i, e in enumerate(entries) if e.kind == "user"]
+        if not starts:
+            raise ValueError("nothing to rewind: this session has no turns yet")
+        n = max(1, min(n, len(starts)))
+        cut = starts[-n]
+        first_turn = len(starts) - n + 1  # the journal numbers turns from 1
+        files = ""
+        if self.rt.tools is not None and self.rt.tools.journal.turns():
+            files = self.rt.tools.journal.rewind_to(first_turn).summary()
+        autosave(a, self.rt.kv)
+        s.start_epoch()
+        a.tokens = []
+        for e in entries[:cut]:
+            a.append(e.model_copy())
+        a.turn_no = sum(1 for e in entries[:cut] if e.kind == "user")
+        prefix = self.rt.kv.restore_prefix(a.tokens) if self.rt.kv is not None else None
+        a.state = prefix if prefix is not None else a.engine.new_state()
+        a.logits = prefix.logits if prefix is not None else None
+        before = a.total_prefill
+        a.sync()
+        s.save_meta()
+        self.status.ctx_used = len(a.tokens)
+        if files:
+            a.extra_notes.append(
+                f"[ds4-agent] The user rewound the conversation and the files to before the "
+                f"last {n} turn(s): {files} Read files again before editing them."
+            )
+        return a.total_prefill - before, files
+
     def rename(self, name: str) -> None:
         self.store.rename(self.session.meta.id, name)
         self.session.meta.name = name

@@ -142,22 +142,16 @@ def _fork(sh: Shell, arg: str) -> None:
     sh.say(f"forked {parent} → {child.meta.name}; you are now in {child.meta.name}")
 
 
-@command("rewind", "undo the file changes of the last N turns (default 1)", "[N]")
+@command("rewind", "go back before the last N turns: conversation and files (default 1)", "[N]")
 def _rewind(sh: Shell, arg: str) -> None:
-    n = int(arg) if arg else 1
-    journal = _journal(sh)
-    if journal is None:
+    if arg and not arg.isdigit():
+        sh.say("usage: /rewind [N] (N = number of turns to go back)")
         return
-    turns = journal.turns()
-    if not turns:
-        sh.say("no file changes to rewind")
-        return
-    target = turns[-n] if n <= len(turns) else turns[0]
-    report = journal.rewind_to(target)
-    sh.say(report.summary())
-    sh.ctrl.agent.extra_notes.append(
-        f"[ds4-agent] The user rewound the file changes of the last {n} turn(s): "
-        f"{report.summary()} Files may differ from what you read; read them again."
+    prefilled, files = sh.ctrl.rewind(int(arg) if arg else 1)
+    how = "restored from a snapshot" if prefilled == 0 else f"{prefilled} tokens prefilled"
+    sh.say(
+        f"rewound to turn {sh.ctrl.agent.turn_no} ({how}); the previous transcript is kept "
+        f"as epoch {sh.ctrl.session.meta.epoch - 1}" + (f"; files: {files}" if files else "")
     )
 
 

@@ -101,6 +101,12 @@ def test_session_commands(shell):
 
     run_slash(sh, "/ctx")
     assert "context " in said(sh)
+
+    # /rewind 1: back to the end of the first turn, from its snapshot, with zero prefill.
+    run_slash(sh, "/rewind 1")
+    assert "rewound to turn 1 (restored from a snapshot)" in said(sh)
+    assert ctrl.agent.tokens == parent_tokens and ctrl.agent.state.n_tokens == len(parent_tokens)
+    assert ctrl.session.meta.epoch == 1
     run_slash(sh, "/resume nope")
     assert "no session named 'nope'" in said(sh)
     run_slash(sh, "/quit")
