@@ -166,3 +166,20 @@ def test_cli_list_show_rename_fork_export_rm(repo, capsys):
     assert len(err) == 1 and "did you mean 'work'" in err[0]
     assert main(["sessions", "rm", "work"]) == 0
     assert [m.name for m in SessionStore(st.root, st.repo).list()] == ["experiment"]
+
+
+def test_resume_picker(repo, monkeypatch, capsys):
+    from ds4_agent.agent.ui_picker import pick
+
+    st = store_for()
+    a = st.create("alpha")
+    b = st.create("beta")
+    metas = st.list()  # newest first: beta, alpha
+    answers = iter(["2", "beta", "", "nope"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert pick(metas) == a.meta.id
+    assert pick(metas) == b.meta.id
+    assert pick(metas) is None
+    assert pick(metas) is None
+    out = capsys.readouterr().out
+    assert "1. beta" in out and "2. alpha" in out and "no session 'nope'" in out
