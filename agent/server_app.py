@@ -210,13 +210,20 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
             raise
 
     async def _collect(request: Request, job: Job, sink: Any) -> None:
+        # Events can arrive faster than any timeout, so look for a disconnect by the clock.
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + 0.5
         while True:
             try:
                 ev = await asyncio.wait_for(job.events.get(), timeout=0.5)
             except TimeoutError:
+                ev = None
+            if loop.time() >= next_check:
+                next_check = loop.time() + 0.5
                 if await request.is_disconnected():
                     job.cancel.set()
                     return
+            if ev is None:
                 continue
             if isinstance(ev, Failed):
                 raise ApiError(ev.status, ev.message, param=ev.param)

@@ -140,3 +140,26 @@ def test_cancel_during_prefill_keeps_a_valid_live_state(tokenizer_json: Path) ->
         events = asyncio.run(again())
         assert events[0].cached_tokens == 32
         assert events[-1].finish_reason == "stop"
+
+
+def test_non_streaming_client_that_hangs_up_cancels_its_generation(tokenizer_json: Path) -> None:
+    with start_server(tokenizer_json, None) as srv:
+        worker = srv.server.worker
+        body = {
+            "model": MODEL_NAME,
+            "messages": [{"role": "user", "content": "write a long story"}],
+            "max_tokens": 400,  # far more than fits in the client's patience below
+            "thinking": {"type": "disabled"},
+        }
+        t0 = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=3)
+        deadline = time.monotonic() + 60
+        while worker.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.cancelled == 1
+        while worker.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Stopped long before 400 tokens (about 0.15 s each here).
+        assert srv.server.cache.state.n_tokens < 200
+        assert time.monotonic() - t0 < 60
