@@ -240,6 +240,11 @@ class PromptCache:
             if ctx and total >= ctx:
                 raise ContextOverflow(total)
 
+        if not segments and prompt:  # a caller without segments: all of it is scaffolding
+            from ds4_agent.prompts.encoding import Segment
+
+            segments = [Segment(prompt, "control")]
+
         pb = prompt.encode("utf-8")
         live = self.live_bytes()
         live_ok = (
