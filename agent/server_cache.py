@@ -13,7 +13,8 @@ where a later request is likely to branch (ds4-server's policy, ds4-agent.md §5
   `<｜Assistant｜>`), else at `len - 32` rounded down to 2048;
 - turn: just after the final `<｜Assistant｜>` of a prompt, because thinking-mode chats drop
   old reasoning, so the next turn diverges right there;
-- aligned frontiers: every multiple of `frontier_tokens` reached by prefill;
+- aligned frontiers: every multiple of `frontier_tokens` reached by prefill, and by decode
+  until a tool call starts;
 - evict: before an unrelated request replaces the live state;
 - shutdown.
 Snapshots are located by the SHA-256 of the text prefix they hold (`SnapshotIndex`).

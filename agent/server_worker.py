@@ -239,6 +239,8 @@ class Worker:
         n = 0
         finish = None
         saw_eos = False
+        frontier = self.cache.policy.frontier_tokens
+        next_frontier = (state.n_tokens // frontier + 1) * frontier if frontier else 0
 
         def route(events: list[Event]) -> bool:
             """Emit parser events; True once a stop string ended the answer."""
@@ -267,6 +269,12 @@ class Worker:
             greedy_when=lambda _state: parser.in_structure,
         ):
             n += 1
+            if frontier and state.n_tokens == next_frontier:
+                next_frontier += frontier
+                # Aligned snapshots during long generations too, but not once a tool call
+                # has started: that text is about to be replayed from the live state anyway.
+                if not calls and not parser.in_structure:
+                    self.cache.save_live("decode frontier")
             if tid == self.eos_id:
                 finish = "stop"
                 saw_eos = True

@@ -333,6 +333,22 @@ def test_corrupt_snapshot_falls_back_to_prefill(
     assert r2.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_long_generation_snapshots_at_aligned_frontiers(
+    tokenizer_json: Path, scripts: Scripts, tmp_path: Path
+) -> None:
+    from ds4_agent.agent.server_cache import CachePolicy
+
+    scripts.push_text("word " * 40)
+    policy = CachePolicy(min_snapshot_tokens=8, frontier_tokens=32, turn_snapshots=False)
+    with start_server(tokenizer_json, tmp_path / "kv", scripts, policy=policy) as srv:
+        r = _oai(srv.url).chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], **_no_think()
+        )
+        assert r.usage.prompt_tokens < 32 < r.usage.prompt_tokens + r.usage.completion_tokens
+        sizes = sorted(e.n_tokens for e in srv.server.cache.index.entries)
+    assert 32 in sizes
+
+
 def test_thinking_turns_reuse_the_turn_snapshot(
     tokenizer_json: Path, scripts: Scripts, tmp_path: Path
 ) -> None:
