@@ -184,6 +184,7 @@ def _convert(
         src = GGUFSource(gguf)
         _say(f"converting {gguf.name} → {tier}: {_gib(planned_bytes(src, tier))}")
         _with_progress(console, lambda prog: convert_gguf(src, out, tier, progress=prog))
+        _say_gguf_errors(out)
         return
     from ds4_agent.engine import convert as cv
 
@@ -191,6 +192,20 @@ def _convert(
     conv.resolve_group_size(_say)
     _say(f"converting the official checkpoint → {tier}: {_gib(cv.plan_bytes(conv.plan()))}")
     _with_progress(console, lambda prog: conv.run(out, progress=prog))
+
+
+def _say_gguf_errors(out: Path) -> None:
+    """Per tensor class: exact, or the relative error the MLX form adds to the GGUF values."""
+    import json
+
+    report = json.loads((out / "config.json").read_text())["ds4_mlx"].get("report", {})
+    for cls, e in sorted(report.get("gguf", {}).items()):
+        how = (
+            "exact"
+            if e["exact"]
+            else f"rel. error {e['rel_error']:.4f} (max |Δ| {e['max_abs_error']:.3g})"
+        )
+        _say(f"  {cls:<20} {how}")
 
 
 def _check_loads(model_dir: Path) -> None:

@@ -62,6 +62,7 @@ def test_gguf_download_verify_convert_load(hub, tiny_q2, tmp_path, capsys):
     out = capsys.readouterr()
     assert "installed flash-q2: q2 from gguf" in out.out and "(default)" in out.out
     assert "verified 1 file(s) (sha256)" in out.err
+    assert "routed_experts       rel. error" in out.err and "attention            exact" in out.err
     # Only the selected file was fetched, and at the commit the metadata call returned.
     gets = hub.requests("GET", "/resolve/")
     assert [r["path"].rsplit("/", 1)[1] for r in gets] == [Q2]
