@@ -30,61 +30,10 @@ def engine() -> Any:
     return Engine.load(model_dir())
 
 
-class HFTokenizer:
-    """The reference tokenizer (HF `tokenizers` on the real tokenizer.json), exposing the
-    project's Tokenizer API; used only until `engine/tokenizer.py` is part of the build."""
-
-    def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer
-
-        self.hf = Tokenizer.from_file(str(path))
-        self._specials = {t.content for t in self.hf.get_added_tokens_decoder().values()}
-
-    def encode_trusted(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
-
-    def encode_untrusted(self, text: str) -> list[int]:
-        # Split around special strings so they are encoded as text, never as control tokens.
-        import re
-
-        if not any(s in text for s in self._specials):
-            return self.hf.encode(text, add_special_tokens=False).ids
-        pat = (
-            "("
-            + "|".join(re.escape(s) for s in sorted(self._specials, key=len, reverse=True))
-            + ")"
-        )
-        out: list[int] = []
-        for part in re.split(pat, text):
-            if not part:
-                continue
-            if part in self._specials:
-                # Encode the special string's characters one by one as plain text.
-                for ch in part:
-                    out += self.hf.encode(ch, add_special_tokens=False).ids
-            else:
-                out += self.hf.encode(part, add_special_tokens=False).ids
-        return out
-
-    def decode(self, ids: Any) -> str:
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    def token_id(self, special: str) -> int:
-        i = self.hf.token_to_id(special)
-        if i is None:
-            raise KeyError(special)
-        return i
-
-
 def tokenizer(path: Path) -> Any:
-    """The project's tokenizer when it is part of the build (its own tests check it against
-    the reference), else the reference itself."""
-    try:
-        from ds4_agent.engine.tokenizer import Tokenizer
+    from ds4_agent.engine.tokenizer import Tokenizer
 
-        return Tokenizer.from_file(path)
-    except Exception:  # noqa: BLE001 - not in this build yet, or not loadable: use the reference
-        return HFTokenizer(path)
+    return Tokenizer.from_file(path)
 
 
 def call_block(*invokes: tuple[str, dict[str, Any]]) -> str:
