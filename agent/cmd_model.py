@@ -65,7 +65,8 @@ def run_download(args: argparse.Namespace) -> int:
     what: str = args.what
     source = args.source or dl.default_source(what)
     tier = args.tier or ("q4" if what == "mtp" else what)
-    name = args.name or f"flash-{what}" + (
+    label = "mtp" if what == "mtp" else tier
+    name = args.name or f"flash-{label}" + (
         "" if source == dl.default_source(what) else f"-{source}"
     )
     root = Path(args.dir).expanduser() if args.dir else mr.models_dir() / name
@@ -316,7 +317,7 @@ def register(p: argparse.ArgumentParser) -> None:
         help="official checkpoint or ds4's GGUF files (default: gguf for q2/mtp, else official)",
     )
     d.add_argument("--dir", metavar="DIR", help="install here (default: the ds4-agent data dir)")
-    d.add_argument("--name", help="registry name (default: flash-<what>)")
+    d.add_argument("--name", help="registry name (default: flash-<tier>)")
     d.add_argument("--tier", choices=("q2", "q3", "q4", "lossless"), help="convert to this tier")
     d.add_argument("--repo", metavar="OWNER/NAME", help="download from another repository")
     d.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
