@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 from ds4_agent.engine.config import ModelConfig
+from ds4_agent.engine.fused import make_sinkhorn
 from ds4_agent.engine.qtensor import QuantizedTensor, Weight
 from ds4_agent.engine.quant import fp4_e2m1_roundtrip, fp8_e4m3_roundtrip, hadamard
 from ds4_agent.engine.state import DecodeState, LayerState, ring_positions, ring_write
@@ -167,7 +168,9 @@ def routed_experts(
     order = mx.argsort(flat)
     inv = mx.argsort(order)
     sidx = flat[order]
-    xs = x[order // k][:, None, :]  # [S·k, 1, D]
+    # Contiguous lhs: sorted gathers with an axis-inserted view returned garbage in some MLX
+    # releases (ml-explore/mlx#4253).
+    xs = mx.contiguous(x[order // k][:, None, :])  # [S·k, 1, D]
     h = swiglu(_gather_linear(xs, w1, sidx, True), _gather_linear(xs, w3, sidx, True), limit)
     y = _gather_linear(h, w2, sidx, True)[:, 0, :]  # [S·k, D]
     return y[inv].reshape(s, k, -1)
@@ -203,8 +206,9 @@ class Model:
             "main": mx.array(cfg.rope_inv_freq(False), dtype=mx.float32),
             "compress": mx.array(cfg.rope_inv_freq(True), dtype=mx.float32),
         }
-        # 40 tiny element-wise ops per mHC site: compiled into one fused kernel per shape.
-        self._sinkhorn = mx.compile(self._sinkhorn_impl)
+        # ~80 tiny ops per mHC site: one hand-written launch on CUDA (engine/fused.py), the
+        # compiled array expression elsewhere.
+        self._sinkhorn = make_sinkhorn(cfg.hc_sinkhorn_iters, cfg.hc_eps)
         missing = [n for n in self._required_names() if n not in weights]
         if missing:
             raise KeyError(

@@ -92,7 +92,9 @@ def base_config(vocab: int = 512) -> dict[str, Any]:
             "beta_fast": 32,
             "beta_slow": 1,
         },
-        "index_n_heads": 8,
+        # 16 heads: a row scores exactly 0 (ReLU of every head) with probability 2^-16,
+        # so exact ties at the top-k boundary practically never happen.
+        "index_n_heads": 16,
         "index_head_dim": 128,
         "index_topk": 8,
         "hc_mult": 4,
@@ -506,7 +508,16 @@ def build_tiny_model(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{digest}-", dir=root))
     try:
-        _export(cfg, quantized, seed, tmp, n_shards)
+        # Random weights can put two candidates within float noise of each other at a top-k
+        # boundary (router or indexer), where the engine and transformers may legitimately
+        # pick differently. Re-draw (deterministically) until the margin sequences are clear.
+        for attempt in range(8):
+            _export(cfg, quantized, seed + 1000 * attempt, tmp, n_shards)
+            if _margins_ok(tmp):
+                break
+            reference_model.cache_clear()
+        else:
+            raise RuntimeError(f"no tie-free draw for {cfg} within 8 attempts")
         try:
             os.rename(tmp, final)
         except OSError:
@@ -547,6 +558,58 @@ def _export(cfg: dict[str, Any], quantized: bool, seed: int, out_dir: Path, n_sh
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
     )
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
+MARGIN_SEEDS = (0, 1)  # random_tokens(300, vocab, seed) sequences checked for top-k margins
+MARGIN = 2e-5  # minimum gap at a top-k boundary, relative to the largest |score| of that row
+
+
+def _gap_ok(scores: np.ndarray, k: int) -> bool:
+    """scores [rows, n] with −inf for unavailable candidates; rows with ≤ k finite ones pass."""
+    for row in scores:
+        v = np.sort(row[np.isfinite(row)])[::-1]
+        if len(v) > k and v[k - 1] - v[k] <= MARGIN * max(np.abs(v).max(), 1e-12):
+            return False
+    return True
+
+
+def _margins_ok(model_dir: Path) -> bool:
+    """Do the router and indexer top-k boundaries of the reference have clear gaps on the
+    margin sequences? (Hash layers select by table, not by score.)"""
+    import torch
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as mdl
+
+    model = reference_model(Path(model_dir))
+    cfg = model.config
+    seen: list[bool] = []
+
+    def router_hook(mod, args, out):
+        logits = out[0].detach().float()
+        sc = mod.score_fn(logits) + mod.e_score_correction_bias
+        seen.append(_gap_ok(sc.numpy(), mod.top_k))
+
+    def scorer_hook(mod, args, out):
+        sc = out[0].detach().float().numpy()  # [S, rows]
+        s, n = sc.shape
+        thr = (np.arange(s) + 1) // cfg.compress_rates["compressed_sparse_attention"]
+        sc = np.where(np.arange(n)[None, :] < thr[:, None], sc, -np.inf)
+        seen.append(_gap_ok(sc, cfg.index_topk))
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, mdl.DeepseekV4TopKRouter):
+            hooks.append(m.register_forward_hook(router_hook))
+        elif isinstance(m, mdl.DeepseekV4IndexerScorer):
+            hooks.append(m.register_forward_hook(scorer_hook))
+    try:
+        with torch.no_grad():
+            for seed in MARGIN_SEEDS:
+                toks = random_tokens(300, cfg.vocab_size, seed=seed)
+                model(input_ids=torch.tensor([toks]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return all(seen)
 
 
 @functools.lru_cache(maxsize=8)
