@@ -180,3 +180,91 @@ def active_weight_bytes(cfg: ModelConfig, weights: dict[str, Weight]) -> int:
             n = int(n * frac)
         total += n
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# Real-shape models in a converted tier (benchmarks on a GPU)
+# --------------------------------------------------------------------------------------------
+
+# What each tensor class becomes in a converted tier (mirrors `engine/convert.py`'s table):
+# routed experts affine 2-bit g64 (q2) or mxfp4 (q4); the official FP8 matrices mxfp8; the head
+# affine 8-bit g64 in q2, bf16 in q4; everything else kept (bf16 here; hc mixers float32).
+TIER_EXPERTS = {"q2": ("affine", 2, 64), "q4": ("mxfp4", 4, 32)}
+_HEAD_Q2 = ("affine", 8, 64)
+_MXFP8 = ("mxfp8", 8, 32)
+# Experts quantized per block of this many: one mx.quantize over a whole 256-expert stack
+# (2^31+ elements) fails on CUDA.
+_EXPERT_BLOCK = 16
+
+
+def flash_config(n_layers: int | None = None) -> ModelConfig:
+    """The real DeepSeek V4 Flash config, optionally cut to its first `n_layers` layers (a
+    contiguous slice keeps the SWA/SWA/CSA/HCA… pattern)."""
+    from ds4_agent.engine.convert_sizes import FLASH_CONFIG
+
+    data = dict(FLASH_CONFIG)
+    if n_layers is not None:
+        if not 1 <= n_layers <= FLASH_CONFIG["num_hidden_layers"]:
+            raise ValueError(f"n_layers must be in 1..43, got {n_layers}")
+        data["num_hidden_layers"] = n_layers
+        data["compress_ratios"] = list(FLASH_CONFIG["compress_ratios"][:n_layers]) + [0]
+    return ModelConfig.from_dict(data, source="flash config")
+
+
+def _tier_format(name: str, tier: str) -> tuple[str, int, int] | None:
+    if ".experts." in name:
+        return TIER_EXPERTS[tier]
+    if any(f".{n}" in name for n in _FP8_NAMES):
+        return _MXFP8
+    if name == "head.weight" and tier == "q2":
+        return _HEAD_Q2
+    return None
+
+
+def _qt(w: mx.array, fmt: tuple[str, int, int]) -> QuantizedTensor:
+    mode, bits, g = fmt
+    res = mx.quantize(w, group_size=g, bits=bits, mode=mode)
+    return QuantizedTensor(res[0], res[1], res[2] if mode == "affine" else None, mode, bits, g)
+
+
+def _random_matrix(shape: tuple[int, ...], key: mx.array) -> mx.array:
+    return (mx.random.normal(shape, key=key) * (1.0 / math.sqrt(shape[-1]))).astype(mx.bfloat16)
+
+
+def tier_weights(cfg: ModelConfig, tier: str, seed: int = 0) -> dict[str, Weight]:
+    """Random weights with `cfg`'s shapes, stored as the converted `tier` stores them, generated
+    and quantized on the default device tensor by tensor (expert stacks in blocks), so the
+    peak is the model plus one expert block — never a float copy of the whole model."""
+    if tier not in TIER_EXPERTS:
+        raise ValueError(f"tier must be one of {sorted(TIER_EXPERTS)}, got {tier!r}")
+    key = mx.random.key(seed)
+    out: dict[str, Weight] = {}
+    for i, (name, shape) in enumerate(sorted(weight_shapes(cfg).items())):
+        k = mx.random.key(seed * 1_000_003 + i) if i else key
+        if name.endswith("tid2eid"):
+            out[name] = mx.random.randint(0, cfg.n_routed_experts, shape, key=k).astype(mx.int32)
+        elif len(shape) == 1 or name.endswith(("_base", "_scale", "attn_sink", "ape", "gate.bias")):
+            base = 1.0 if name.endswith(("norm.weight", "_scale")) else 0.0
+            out[name] = base + 0.1 * mx.random.normal(shape, key=k)
+        elif (fmt := _tier_format(name, tier)) is None:
+            w = _random_matrix(shape, k)
+            out[name] = w.astype(mx.float32) if "hc_" in name else w  # hc mixers are F32
+        elif len(shape) == 3:
+            parts = []
+            for a in range(0, shape[0], _EXPERT_BLOCK):
+                n = min(_EXPERT_BLOCK, shape[0] - a)
+                q = _qt(_random_matrix((n, *shape[1:]), mx.random.key(seed + 7919 * i + a)), fmt)
+                mx.eval(*_arrays(q))
+                parts.append(q)
+            out[name] = _concat_q(parts)
+        else:
+            out[name] = _qt(_random_matrix(shape, k), fmt)
+        mx.eval(*_arrays(out[name]))
+    return out
+
+
+def _concat_q(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    first = parts[0]
+    cat = [mx.concatenate([getattr(p, f) for p in parts]) for f in ("weight", "scales")]
+    biases = mx.concatenate([p.biases for p in parts]) if first.biases is not None else None
+    return QuantizedTensor(cat[0], cat[1], biases, first.mode, first.bits, first.group_size)

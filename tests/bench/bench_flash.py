@@ -1,0 +1,607 @@
+"""Real-scale benchmark: DeepSeek V4 Flash shapes, random weights in a converted tier, on the
+default MLX device (meant for an NVIDIA GPU through mlx-cuda; `--shape mid` runs on a CPU).
+
+One run measures, and writes to `--out` (CSV rows `section,name,value,unit,note` + a JSON copy):
+- ceilings: device copy bandwidth (bytes read + written) and the bf16 matmul rate;
+- decode tokens/s at each `--decode-ctx` (the state is synthesised at that length: decode cost
+  depends on row counts, not on how the rows were computed), weight bytes per token, GB/s;
+- prefill tokens/s and achieved TFLOP/s: from empty up to each `--prefill` length in
+  `--chunk`-token chunks, plus one chunk on top of a synthesised `--far-ctx` state (the rate
+  at that depth, used to estimate a prefill of that many tokens);
+- per layer kind (SWA, CSA, HCA) and per component (mHC, attention, compressor, indexer, MoE)
+  decode time, each synchronised on its own (so they include one launch/sync gap each);
+- primitives per decoded token (from the lazy graph, `mx.export_to_dot`);
+- snapshot export + save and load + import at `--far-ctx`, against the prefill estimate;
+- optionally (`--peer-layers N`) the same first N layers through transformers'
+  DeepseekV4ForCausalLM in bf16 on the same GPU, against this engine on the same N layers.
+
+    python tests/bench/bench_flash.py --tier q2 --layers 43 --out DIR
+    python tests/bench/bench_flash.py --shape mid --layers 5 --out DIR   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import io
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from ds4_agent.engine.config import ModelConfig
+from ds4_agent.engine.generate import Engine
+from ds4_agent.engine.state_export import LayerExport, StateExport
+from ds4_agent.engine.state_file import load_state, save_state
+from ds4_agent.engine.synthetic import (
+    active_weight_bytes,
+    flash_config,
+    synthetic_config,
+    tier_weights,
+)
+
+ROWS: list[dict] = []
+OUT: list[Path] = []  # where record() keeps the CSV current (a killed run still leaves it)
+KIND = {0: "swa", 4: "csa", 128: "hca"}
+VIEW_OPS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Transpose", "Slice", "AsStrided"}
+
+
+def record(section: str, name: str, value: float, unit: str, note: str = "") -> None:
+    ROWS.append({"section": section, "name": name, "value": value, "unit": unit, "note": note})
+    print(f"{section:>9} {name:<34} {value:>14.4g} {unit:<8} {note}", flush=True)
+    if OUT:
+        _write_csv(OUT[0])
+
+
+def sync_time(fn, reps: int = 5, warm: int = 2) -> float:
+    """Median seconds of fn() (which must return arrays to evaluate) over `reps` runs."""
+    for _ in range(warm):
+        mx.eval(fn())
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+# ------------------------------------------------------------------------------ ceilings
+
+
+def ceilings(small: bool) -> dict[str, float]:
+    n = (1 << 20) if small else (1 << 30)  # bf16 elements: 2 GiB on the GPU
+    x = mx.random.normal((n,)).astype(mx.bfloat16)
+    mx.eval(x)
+    t = sync_time(lambda: x + 1, reps=10)
+    bw = 2 * x.nbytes / t
+    record("ceiling", "copy_bandwidth", bw / 1e9, "GB/s", "x+1 over 2 GiB bf16, read+write")
+    m = 1024 if small else 8192
+    a = mx.random.normal((m, m)).astype(mx.bfloat16)
+    b = mx.random.normal((m, m)).astype(mx.bfloat16)
+    mx.eval(a, b)
+    t = sync_time(lambda: a @ b, reps=10)
+    rate = 2 * m**3 / t
+    record("ceiling", "bf16_matmul", rate / 1e12, "TFLOP/s", f"{m}^3 random bf16")
+    mx.clear_cache()
+    return {"bw": bw, "tflops": rate}
+
+
+# ------------------------------------------------------------------------------ FLOPs
+
+
+def matmul_params_per_token(cfg: ModelConfig) -> float:
+    """Weights one token multiplies by (k of n experts, no embedding): FLOPs = 2 × this."""
+    d, h, hd, q = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
+    inter, k = cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    hc, mix = cfg.hc_mult, (2 + cfg.hc_mult) * cfg.hc_mult
+    di, hi = cfg.index_head_dim, cfg.index_n_heads
+    total = d * cfg.vocab_size + hc * d * hc
+    for r in cfg.ratios:
+        total += (
+            q * d + h * hd * q + hd * d + cfg.o_groups * cfg.o_lora_rank * (h * hd // cfg.o_groups)
+        )
+        total += d * cfg.o_groups * cfg.o_lora_rank
+        total += 2 * mix * hc * d + cfg.n_routed_experts * d + (k + 1) * 3 * d * inter
+        if r:
+            total += 2 * (2 * hd if r == 4 else hd) * d
+        if r == 4:
+            total += hi * di * q + hi * d + 2 * 2 * di * d
+    return float(total)
+
+
+def attention_flops(cfg: ModelConfig, pos: int) -> float:
+    """Score + value FLOPs of one query at position `pos` (all layers)."""
+    h, hd, w = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+    f = 0.0
+    for r in cfg.ratios:
+        keys = min(pos + 1, w)
+        if r == 4:
+            n = (pos + 1) // 4
+            keys += min(n, cfg.index_topk)
+            f += 2 * cfg.index_n_heads * cfg.index_head_dim * n  # indexer scoring
+        elif r == 128:
+            keys += (pos + 1) // 128
+        f += 4 * h * hd * keys
+    return f
+
+
+def chunk_flops(cfg: ModelConfig, start: int, n: int) -> float:
+    mid = start + n // 2
+    return n * (2 * matmul_params_per_token(cfg) + attention_flops(cfg, mid))
+
+
+# ------------------------------------------------------------------------------ states
+
+
+def synthetic_state(engine: Engine, n_tokens: int, seed: int = 0):
+    """A decode state of `n_tokens` with random rows (shapes exactly as a prefill leaves them)."""
+    cfg = engine.config
+    rng = np.random.default_rng(seed)
+    hd, di, w = cfg.head_dim, cfg.index_head_dim, cfg.sliding_window
+
+    def rnd(*shape):
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    layers = []
+    for r in cfg.ratios:
+        front = {}
+        if r == 4:
+            for p, width in (("", 2 * hd), ("idx_", 2 * di)):
+                front[p + "kv_state"] = rnd(8, width)
+                front[p + "score_state"] = rnd(8, width)
+        elif r == 128:
+            front["kv_state"], front["score_state"] = rnd(128, hd), rnd(128, hd)
+        layers.append(
+            LayerExport(
+                kind=KIND[r],
+                ratio=r,
+                raw=rnd(min(n_tokens, w), hd),
+                comp=rnd(n_tokens // r, hd) if r else None,
+                index=rnd(n_tokens // 4, di) if r == 4 else None,
+                frontiers=front,
+            )
+        )
+    ex = StateExport(
+        n_tokens=n_tokens,
+        tokens=rng.integers(2, cfg.vocab_size, size=n_tokens).astype(np.int32),
+        layers=layers,
+        numerics=engine.numerics,
+        logits=rnd(cfg.vocab_size),
+    )
+    return engine.import_state(ex)
+
+
+# ------------------------------------------------------------------------------ decode
+
+
+def bench_decode(engine: Engine, ctx: int, steps: int, wbytes: int, bw: float) -> float:
+    st = synthetic_state(engine, ctx)
+    tok = 5
+    for _ in range(3):
+        engine.decode(st, tok)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        lg = engine.decode(st, tok + i)
+    mx.eval(lg)
+    dt = (time.perf_counter() - t0) / steps
+    tps = 1 / dt
+    record("decode", f"tok_s@{ctx}", tps, "tok/s", f"{dt * 1e3:.2f} ms/token, {steps} tokens")
+    record(
+        "decode",
+        f"weight_GB_s@{ctx}",
+        wbytes * tps / 1e9,
+        "GB/s",
+        f"{100 * wbytes * tps / bw:.1f}% of copy bandwidth",
+    )
+    del st
+    return tps
+
+
+def count_ops(engine: Engine, ctx: int) -> None:
+    st = synthetic_state(engine, ctx).clone()
+    logits = engine.model.forward(st, [7])
+    f = io.StringIO()
+    mx.export_to_dot(f, logits, *st.arrays())
+    labels = [
+        ln.split('label ="')[1].split('"')[0]
+        for ln in f.getvalue().splitlines()
+        if "shape=rectangle" in ln
+    ]
+    compute = [x for x in labels if x not in VIEW_OPS]
+    n_layers = len(engine.config.ratios)
+    record("ops", "primitives_per_token", len(labels), "ops", "all graph nodes of one decode")
+    record(
+        "ops",
+        "kernels_per_token",
+        len(compute),
+        "ops",
+        f"excluding views; {len(compute) / n_layers:.0f} per layer",
+    )
+    hist: dict[str, int] = {}
+    for x in compute:
+        hist[x] = hist.get(x, 0) + 1
+    top = sorted(hist.items(), key=lambda kv: -kv[1])[:12]
+    record("ops", "top_primitives", 0, "", "; ".join(f"{k} {v}" for k, v in top))
+
+
+def profile_components(engine: Engine, ctx: int) -> None:
+    """Decode-time cost of each layer kind and component, each evaluated on its own."""
+    cfg = engine.config
+    base = synthetic_state(engine, ctx)
+    seen = set()
+    for i, r in enumerate(cfg.ratios):
+        if KIND[r] not in seen:
+            seen.add(KIND[r])
+            _profile_layer(engine, base, ctx, i, r)
+
+
+def _profile_layer(engine: Engine, base, ctx: int, i: int, r: int) -> None:
+    model, cfg = engine.model, engine.config
+    rng = np.random.default_rng(1)
+    x = mx.array(rng.standard_normal((1, cfg.hc_mult, cfg.hidden_size), dtype=np.float32))
+    a0 = x[:, 0]
+    tok = mx.array([11], dtype=mx.int32)
+    hashed = cfg.is_hash_layer(i)
+    p = f"layers.{i}."
+    ctxo = model.make_ctx(ctx, [11], model.numerics)
+
+    def fresh():
+        return base.clone(copy_tokens=False).layers[i]
+
+    t_layer = sync_time(lambda: model.layer(x, ctxo, p, fresh(), r, hashed))
+    t_hc = sync_time(lambda: model.hc_post(a0, x, *model.hc_pre(x, p + "hc_attn")[1:]))
+    t_attn = sync_time(
+        lambda: model.attention(a0, ctxo, p + "attn.", fresh(), r, cfg.sliding_window)
+    )
+    t_moe = sync_time(lambda: model.moe(a0, tok, p + "ffn.", hashed))
+    note = f"layer {i}, ctx {ctx}"
+    record("layer", f"{KIND[r]}_layer", t_layer * 1e3, "ms", note)
+    record("component", f"{KIND[r]}_mhc_site", t_hc * 1e3, "ms", note + " (x2 per layer)")
+    record("component", f"{KIND[r]}_attention_total", t_attn * 1e3, "ms", note)
+    record(
+        "component", f"{KIND[r]}_moe", t_moe * 1e3, "ms", note + (" hash-routed" if hashed else "")
+    )
+    if r:
+        t_c = sync_time(
+            lambda: model._compress(
+                a0, ctxo, p + "attn.compressor.", r, cfg.head_dim, dict(fresh().front), ""
+            )
+        )
+        record("component", f"{KIND[r]}_compressor", t_c * 1e3, "ms", note)
+    if r == 4:
+        q_lat = mx.array(rng.standard_normal((1, cfg.q_lora_rank), dtype=np.float32))
+        thr = np.array([(ctx + 1) // 4])
+        ls = base.layers[i]
+        t_i = sync_time(lambda: model.indexer(a0, q_lat, ctxo, p + "attn.", ls, thr))
+        record("component", f"{KIND[r]}_indexer", t_i * 1e3, "ms", note + " (scoring+top-k)")
+
+
+def check_sinkhorn(cfg: ModelConfig) -> None:
+    """The fused Sinkhorn kernel against the array expression, on fresh random inputs."""
+    from ds4_agent.engine.fused import _use_cuda, make_sinkhorn
+
+    if not _use_cuda():
+        record("check", "sinkhorn_fused", 0, "", "no CUDA: the engine runs the array expression")
+        return
+    fused = make_sinkhorn(cfg.hc_sinkhorn_iters, cfg.hc_eps, fused=True)
+    ref = make_sinkhorn(cfg.hc_sinkhorn_iters, cfg.hc_eps, fused=False)
+    worst = 0.0
+    for seed, s in ((0, 1), (1, 7), (2, 2048)):
+        c = mx.random.normal((s, cfg.hc_mult, cfg.hc_mult), key=mx.random.key(seed)) * 4
+        a, b = fused(c), ref(c)
+        worst = max(worst, float(mx.abs(a - b).max() / mx.abs(b).max()))
+    record("check", "sinkhorn_fused_max_rel_err", worst, "", "vs array expression, float32")
+    c = mx.random.normal((1, cfg.hc_mult, cfg.hc_mult))
+    record(
+        "check", "sinkhorn_fused_us", sync_time(lambda: fused(c), reps=50) * 1e6, "us", "one site"
+    )
+    record("check", "sinkhorn_ref_us", sync_time(lambda: ref(c), reps=50) * 1e6, "us", "one site")
+
+
+# ------------------------------------------------------------------------------ prefill
+
+
+def bench_prefill(engine: Engine, lengths: list[int], chunk: int, far: int, tflops: float):
+    cfg = engine.config
+    rng = np.random.default_rng(3)
+    chunk_times: list[tuple[int, float]] = []  # (start, seconds per chunk)
+    longest = max(lengths)
+    # Warm-up: compile/JIT the chunk shapes once.
+    st = engine.new_state()
+    engine.prefill(st, [int(t) for t in rng.integers(2, cfg.vocab_size, size=chunk)], chunk)
+    del st
+    for n in sorted(lengths):
+        ids = [int(t) for t in rng.integers(2, cfg.vocab_size, size=n)]
+        st = engine.new_state()
+        done, t_all, flops = 0, 0.0, 0.0
+        while done < n:
+            c = ids[done : done + chunk]
+            t0 = time.perf_counter()
+            engine.prefill(st, c, chunk_size=chunk)
+            dt = time.perf_counter() - t0
+            if n == longest:
+                chunk_times.append((done, dt))
+            flops += chunk_flops(cfg, done, len(c))
+            t_all += dt
+            done += len(c)
+        record("prefill", f"tok_s@{n}", n / t_all, "tok/s", f"{t_all:.2f} s, chunk {chunk}")
+        record(
+            "prefill",
+            f"TFLOP_s@{n}",
+            flops / t_all / 1e12,
+            "TFLOP/s",
+            f"{100 * flops / t_all / tflops:.1f}% of measured bf16 matmul",
+        )
+        del st
+        mx.clear_cache()
+    far_dt = None
+    if far:
+        st = synthetic_state(engine, far - chunk)
+        ids = [int(t) for t in rng.integers(2, cfg.vocab_size, size=chunk)]
+        t0 = time.perf_counter()
+        engine.prefill(st, ids, chunk_size=chunk)
+        far_dt = time.perf_counter() - t0
+        record(
+            "prefill",
+            f"chunk_tok_s@{far}",
+            chunk / far_dt,
+            "tok/s",
+            f"one {chunk}-token chunk on top of a {far - chunk}-token state",
+        )
+        chunk_times.append((far - chunk, far_dt))
+        del st
+        mx.clear_cache()
+    return chunk_times
+
+
+def estimate_prefill(chunk_times: list[tuple[int, float]], total: int, chunk: int) -> float:
+    xs = np.array([s for s, _ in chunk_times], dtype=np.float64)
+    ys = np.array([t for _, t in chunk_times], dtype=np.float64)
+    starts = np.arange(0, total, chunk, dtype=np.float64)
+    return float(np.interp(starts, xs, ys).sum())
+
+
+def bench_snapshot(engine: Engine, ctx: int, prefill_s: float | None) -> None:
+    st = synthetic_state(engine, ctx)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "state.npz"
+        t0 = time.perf_counter()
+        ex = st.export()
+        t1 = time.perf_counter()
+        save_state(path, ex, engine.fingerprint)
+        t2 = time.perf_counter()
+        size = path.stat().st_size
+        del ex
+        t3 = time.perf_counter()
+        ex2 = load_state(path, engine.fingerprint)
+        t4 = time.perf_counter()
+        st2 = engine.import_state(ex2)
+        t5 = time.perf_counter()
+    record("snapshot", f"export@{ctx}", t1 - t0, "s", "device → numpy")
+    record("snapshot", f"save@{ctx}", t2 - t1, "s", f"npz float32 {size / 1e6:.0f} MB, fsync")
+    record("snapshot", f"load@{ctx}", t4 - t3, "s", "npz → numpy (page cache warm)")
+    record("snapshot", f"import@{ctx}", t5 - t4, "s", "numpy → device state")
+    restore = t5 - t3
+    record("snapshot", f"restore@{ctx}", restore, "s", "load + import")
+    if prefill_s:
+        record(
+            "snapshot",
+            f"prefill_over_restore@{ctx}",
+            prefill_s / restore,
+            "x",
+            f"prefill estimate {prefill_s:.1f} s",
+        )
+    del st, st2
+
+
+# ------------------------------------------------------------------------------ peer
+
+
+def peer(n_layers: int, lengths: list[int], decode_ctx: int, steps: int) -> None:
+    import torch
+    from ds4_agent.engine.convert_sizes import FLASH_CONFIG
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    data = dict(FLASH_CONFIG)
+    data["num_hidden_layers"] = n_layers
+    data["compress_ratios"] = list(FLASH_CONFIG["compress_ratios"][:n_layers]) + [0]
+    data["num_nextn_predict_layers"] = 0
+    cfg = DeepseekV4Config(**data)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = DeepseekV4ForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def ids(n):
+        return torch.randint(2, 129000, (1, n), device="cuda", generator=gen)
+
+    with torch.inference_mode():
+        model(ids(256))
+        out = model(ids(decode_ctx), use_cache=True, logits_to_keep=1)
+        pkv = out.past_key_values
+        nxt = ids(1)
+        for _ in range(2):
+            out = model(nxt, past_key_values=pkv, use_cache=True)
+            pkv = out.past_key_values
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(nxt, past_key_values=pkv, use_cache=True)
+            pkv = out.past_key_values
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / steps
+        record(
+            "peer",
+            f"decode_tok_s@{decode_ctx}",
+            1 / dt,
+            "tok/s",
+            f"transformers bf16, {n_layers} layers, {dt * 1e3:.1f} ms/token",
+        )
+        for n in lengths:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(ids(n), logits_to_keep=1)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            record(
+                "peer",
+                f"prefill_tok_s@{n}",
+                n / dt,
+                "tok/s",
+                f"transformers bf16, {n_layers} layers, one forward",
+            )
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def build(args, n_layers: int) -> tuple[Engine, int]:
+    t0 = time.perf_counter()
+    if args.shape == "mid":
+        base = synthetic_config("mid").model_dump()
+        base["num_hidden_layers"] = min(n_layers, 4)
+        cfg = ModelConfig.from_dict(base, source="mid")
+    else:
+        cfg = flash_config(n_layers)
+    weights = tier_weights(cfg, args.tier, seed=args.seed)
+    engine = Engine(cfg, weights, args.numerics)
+    del weights
+    wbytes = active_weight_bytes(cfg, engine.model.w)
+    total = sum(
+        sum(
+            a.nbytes
+            for a in ((w.weight, w.scales, w.biases) if hasattr(w, "scales") else (w,))
+            if a is not None
+        )
+        for w in engine.model.w.values()
+    )
+    record(
+        "model",
+        f"build_{n_layers}_layers",
+        time.perf_counter() - t0,
+        "s",
+        f"{args.shape} {args.tier}, {total / 2**30:.1f} GiB resident",
+    )
+    record(
+        "model",
+        f"weight_bytes_per_token_{n_layers}",
+        wbytes / 1e9,
+        "GB",
+        "as the engine reads them",
+    )
+    return engine, wbytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=["flash", "mid"], default="flash")
+    ap.add_argument("--tier", choices=["q2", "q4"], default="q2")
+    ap.add_argument("--layers", type=int, default=43)
+    ap.add_argument("--numerics", choices=["official", "exact"], default="official")
+    ap.add_argument("--decode-ctx", type=int, nargs="*", default=[1024, 16384, 65536])
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--prefill", type=int, nargs="*", default=[2048, 16384])
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--far-ctx", type=int, default=65536)
+    ap.add_argument("--profile-ctx", type=int, default=1024)
+    ap.add_argument("--peer-layers", type=int, default=0)
+    ap.add_argument("--peer-prefill", type=int, nargs="*", default=[2048, 16384])
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench_flash_out")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    OUT.append(out)
+    record("machine", "device", 0, "", str(mx.default_device()))
+    record("machine", "date", 0, "", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    try:
+        _run(args, out)
+    finally:
+        _write(out, args)
+
+
+def _run(args, out: Path) -> None:
+    small = args.shape == "mid"
+    ceil = ceilings(small)
+    engine, wbytes = build(args, args.layers)
+    chunk_times = []
+    if "decode" not in args.skip:
+        for c in args.decode_ctx:
+            bench_decode(engine, c, args.decode_steps, wbytes, ceil["bw"])
+    check_sinkhorn(engine.config)
+    if "ops" not in args.skip:
+        count_ops(engine, args.profile_ctx)
+    if "profile" not in args.skip:
+        profile_components(engine, args.profile_ctx)
+    if "prefill" not in args.skip:
+        chunk_times = bench_prefill(engine, args.prefill, args.chunk, args.far_ctx, ceil["tflops"])
+    est = None
+    if chunk_times and args.far_ctx:
+        est = estimate_prefill(chunk_times, args.far_ctx, args.chunk)
+        record(
+            "prefill",
+            f"estimated_s@{args.far_ctx}",
+            est,
+            "s",
+            "sum of chunk times interpolated between measured chunk depths",
+        )
+    if "snapshot" not in args.skip and args.far_ctx:
+        bench_snapshot(engine, args.far_ctx, est)
+    _write(out, args)
+    if args.peer_layers:
+        del engine
+        gc.collect()
+        mx.clear_cache()
+        eng_p, wb = build(args, args.peer_layers)
+        for n in args.peer_prefill:
+            rng = np.random.default_rng(5)
+            ids = [int(t) for t in rng.integers(2, eng_p.config.vocab_size, size=n)]
+            st = eng_p.new_state()
+            eng_p.prefill(st, ids[: args.chunk], chunk_size=args.chunk)  # warm
+            st = eng_p.new_state()
+            t0 = time.perf_counter()
+            eng_p.prefill(st, ids, chunk_size=args.chunk)
+            dt = time.perf_counter() - t0
+            record(
+                "ours_slice",
+                f"prefill_tok_s@{n}",
+                n / dt,
+                "tok/s",
+                f"this engine, first {args.peer_layers} layers",
+            )
+            del st
+        bench_decode(eng_p, args.profile_ctx, args.decode_steps, wb, ceil["bw"])
+        ROWS[-2]["section"] = ROWS[-1]["section"] = "ours_slice"
+        del eng_p
+        gc.collect()
+        mx.clear_cache()
+        _write(out, args)
+        try:
+            peer(args.peer_layers, args.peer_prefill, args.profile_ctx, args.decode_steps)
+        except Exception as e:  # the peer is optional: report why it did not run
+            record("peer", "error", 0, "", f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def _write_csv(out: Path) -> None:
+    with open(out / "bench_flash.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["section", "name", "value", "unit", "note"])
+        w.writeheader()
+        w.writerows(ROWS)
+
+
+def _write(out: Path, args) -> None:
+    _write_csv(out)
+    (out / "bench_flash.json").write_text(json.dumps({"args": vars(args), "rows": ROWS}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
