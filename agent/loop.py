@@ -34,6 +34,20 @@ from ds4_agent.sessions.transcript import Entry
 
 ThinkingMode = Literal["thinking", "chat", "max"]
 
+# Parse errors that mean "the model tried to call a tool and got it wrong": the round is
+# answered with the error as a tool result so the model can retry. Other irregularities
+# (no EOS, no </think>) leave a plain answer as it is.
+DSML_ERROR_KINDS = frozenset(
+    {
+        "dsml_syntax",
+        "duplicate_parameter",
+        "invalid_json",
+        "content_after_tool_calls",
+        "interrupted_tool_call",
+        "tool_call_in_thinking",
+    }
+)
+
 
 # -- what the loop needs from its collaborators ------------------------------------------
 
@@ -284,8 +298,17 @@ class Agent:
                 return self._finish(res, stats, "limit")
             parser, stop, tokens = self._decode_round(logits, stats)
             res.rounds += 1
-            res.answer = parser.answer or res.answer
             wants_tools = stop == "calls" or parser.phase == "dsml" or parser.dsml_in_thinking
+            turn = parser.turn
+            if turn is not None:  # the tolerant parser also knows calls in variant spellings
+                err = turn.error
+                wants_tools = (
+                    stop == "calls"
+                    or bool(turn.tool_calls)
+                    or (err is not None and err.kind in DSML_ERROR_KINDS)
+                )
+            if not wants_tools:
+                res.answer = parser.answer  # text before tool calls is not the answer
             calls: list[ToolCall] = []
             error: str | None = None
             if stop in ("eos", "calls") and wants_tools:
@@ -365,6 +388,7 @@ class Agent:
         parsed calls); all but the last one are already in the engine state.
         """
         parser = RoundParser(thinking=self.cfg.thinking)
+        dp = self._dsml_parser()  # the project's tolerant parser decides what the calls are
         sampled: list[int] = []
         pending_bytes: list[int] = []  # tokens whose text is not complete UTF-8 yet
         stop = "length"
@@ -379,6 +403,16 @@ class Agent:
             # greedily: a typo there costs a whole retry round; payload text samples freely.
             tok = sample_token(self.sampler, logits, greedy=parser.in_dsml_structure())
             sampled.append(tok)
+            block_end = False
+            if dp is not None:
+                for ev in dp.feed_token(tok):
+                    kind = ev.__class__.__name__
+                    # A closed block, or a malformed one (nothing after it can be executed):
+                    # stop here, the agent appends EOS and answers with results or feedback.
+                    if kind == "ToolBlockEnd" or (
+                        kind == "Error" and ev.error.kind in DSML_ERROR_KINDS
+                    ):
+                        block_end = True
             if tok == self.sp.eos:
                 stop = "eos"
                 break
@@ -391,12 +425,14 @@ class Agent:
                 if not text.endswith("\ufffd"):
                     pending_bytes.clear()
                     self._emit(parser, parser.feed(text))
-            if parser.done:
+            if parser.done or block_end:
                 stop = "calls"
                 break
             logits = self.engine.decode(self.state, tok)
         self._emit(parser, parser.feed(self._flush_text(pending_bytes)))
         self._emit(parser, parser.flush())
+        if dp is not None:
+            parser.turn = dp.result()
         if stop == "calls":
             sampled.append(self.sp.eos)  # official shape: the block is followed by EOS
         stats.decode_tokens += len(sampled) - (stop == "calls")
@@ -430,7 +466,27 @@ class Agent:
         # The tools share the interrupt flag: Esc/Ctrl+C also stops a running command.
         return ToolContext(turn=self.turn_no, cancel=self.interrupt, approve=self.events.approve)
 
+    def _dsml_parser(self) -> Any:
+        try:
+            from ds4_agent.prompts.dsml import DsmlParser
+        except ImportError:  # fall back to the strict parser in round_parser.py
+            return None
+        mode = "thinking" if self.cfg.thinking else "chat"
+        return DsmlParser(mode, self.tok)
+
     def _parse(self, parser: RoundParser, round_no: int) -> tuple[list[ToolCall], str | None]:
+        turn = parser.turn
+        if turn is not None:
+            err = turn.error if turn.error and turn.error.kind in DSML_ERROR_KINDS else None
+            if err is not None:
+                msg = f"Tool error: {err.feedback()}"
+                self.events.invalid_calls(msg, parser.dsml or parser.reasoning[-400:])
+                return [], msg
+            calls = [
+                ToolCall(id=f"call_{round_no}_{i}", name=c.name, arguments=dict(c.params))
+                for i, c in enumerate(turn.tool_calls)
+            ]
+            return calls, None
         if parser.dsml_in_thinking and parser.phase not in ("dsml", "done"):
             msg = (
                 "Tool error: tool calls are not allowed inside <think></think>; close the "

@@ -42,6 +42,7 @@ class RoundParser:
     dsml_in_thinking: bool = False  # the model tried a tool call inside <think>
     _hold: str = ""  # text held back: it may be the start of the DSML marker
     events: list[tuple[Kind, str]] = field(default_factory=list)
+    turn: Any = None  # prompts.dsml.ParsedTurn of the round, when that parser ran alongside
 
     def __post_init__(self) -> None:
         if self.thinking:

@@ -130,8 +130,8 @@ def test_malformed_call_then_retry(tok, ws):
     assert r.status == "done" and r.rounds == 3
     assert ev.calls == ["Read"]  # the malformed call never ran
     results = [e for e in a.session.transcript if e.kind == "tool_results"]
-    assert "Tool error: invalid tool call to Read" in results[0].text
-    assert "is not JSON" in results[0].text
+    assert results[0].text.startswith("Tool error: invalid DSML tool call: ")
+    assert "is not JSON" in results[0].text and "file_path" in results[0].text
     assert "print('hello')" in results[1].text
     _check_invariants(a)
 
@@ -340,4 +340,20 @@ def test_soft_compaction_triggers_before_a_turn(tok, ws):
     kinds = [e.kind for e in a.session.transcript]
     assert kinds[:2] == ["system", "summary"] and kinds[-2:] == ["user", "assistant"]
     assert any("compacting the conversation" in n for n in a.events.notices)
+    _check_invariants(a)
+
+
+def test_tolerated_dsml_spelling_still_runs_the_call(tok, ws):
+    # A variant seen from the model: the DSML marker without its leading bar.
+    variant = call_block(("Read", {"file_path": "a.py"})).replace("<｜DSML｜", "<DSML｜")
+    variant = variant.replace("</｜DSML｜", "</DSML｜")
+    # No EOS after the block: the agent stops at its end and appends EOS itself.
+    rounds = tok.encode_trusted("</think>" + variant) + script(tok, "</think>Read it.")
+    ev = Recorder()
+    a = make_agent(tok, ws, rounds, ev)
+    r = a.run_turn("read a.py")
+    assert r.status == "done" and r.answer == "Read it."
+    assert ev.calls == ["Read"] and "print('hello')" in ev.results[0][1]
+    first = a.session.transcript.entries[2]
+    assert first.data["stop"] == "calls" and first.tokens[-1] == a.sp.eos
     _check_invariants(a)
