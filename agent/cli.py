@@ -24,8 +24,8 @@ GROUPS = {
     "serve": (cmd_serve, "OpenAI- and Anthropic-compatible HTTP API over the local model"),
 }
 
-# Exit codes (documented in the README): 0 ok, 1 runtime failure, 2 usage error,
-# 130 interrupted by the user.
+# Exit codes (documented in the README; agent/headless.py defines the same set): 0 ok,
+# 1 runtime failure, 2 usage error, 3 turn or limit reached (headless), 130 interrupted.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
