@@ -8,8 +8,9 @@ layer loop synchronises with the device (no `.item()` / `.tolist()`).
 Numerics modes (chosen at load, part of the fingerprint):
 - `official` (default): what the official reference computes (§2.8) — the stored KV rows (raw
   window and compressed rows) are FP8 e4m3 round-tripped on their non-RoPE channels in blocks
-  of 64, and the indexer keys and queries are Hadamard-rotated then FP4 e2m1 round-tripped in
-  blocks of 32. Selection by the lightning indexer is only the model's graph with this.
+  of 64 and BF16-rounded on their RoPE channels (the reference's cache dtype), and the
+  indexer keys and queries are Hadamard-rotated then FP4 e2m1 round-tripped in blocks of 32.
+  Selection by the lightning indexer is only the model's graph with this.
 - `exact`: float32 everywhere, no rounding — the numerics of transformers'
   `DeepseekV4ForCausalLM`, which the tests compare against.
 Activations are float32 in both modes (weights may be bf16 / mxfp8 / mxfp4 / affine).
@@ -338,11 +339,17 @@ class Model:
         return rows
 
     def _round_kv(self, kv: mx.array, official: bool) -> mx.array:
-        """FP8-simulate the non-RoPE channels of KV rows [..., hd] in official numerics."""
+        """Round KV rows [..., hd] as the official reference stores them.
+
+        The reference keeps its KV cache in BF16 and FP8-simulates the non-RoPE channels, so
+        the RoPE channels are BF16-rounded too. Matching that exactly is also what makes the
+        compact snapshot encoding (e4m3 codes + e8m0 exponents + BF16 rope, 583 B/row) lossless.
+        """
         if not official:
             return kv
         nd = self.cfg.nope_dim
-        return mx.concatenate([fp8_e4m3_roundtrip(kv[..., :nd], 64), kv[..., nd:]], axis=-1)
+        rope = kv[..., nd:].astype(mx.bfloat16).astype(kv.dtype)
+        return mx.concatenate([fp8_e4m3_roundtrip(kv[..., :nd], 64), rope], axis=-1)
 
     @staticmethod
     def _round_index(v: mx.array, official: bool) -> mx.array:
