@@ -535,6 +535,11 @@ def _run(args, out: Path) -> None:
     engine, wbytes = build(args, args.layers)
     chunk_times = []
     if "decode" not in args.skip:
+        # Warm-up: the first decode steps JIT-compile kernels for each new shape.
+        st = synthetic_state(engine, 1024)
+        for i in range(12):
+            engine.decode(st, 5 + i)
+        del st
         for c in args.decode_ctx:
             bench_decode(engine, c, args.decode_steps, wbytes, ceil["bw"])
     check_sinkhorn(engine.config)
