@@ -126,7 +126,7 @@ class BackgroundServer:
         self.thread.start()
         import time
 
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # generous: CI machines can be very busy
         while not self.uv.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the server did not start")
