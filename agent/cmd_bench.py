@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
-import tempfile
 import time
-from pathlib import Path
 
 from ds4_agent.agent.cmd_common import fail
+from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_write_text
 
 FIELDS = [
     "ctx",
@@ -57,18 +55,8 @@ def _write_csv(path: str, rows: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=FIELDS)
     w.writeheader()
     w.writerows(rows)
-    out = Path(path)
-    directory = out.parent if str(out.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # PRIVATE_MODE and no parent creation: as this file was always written.
+    atomic_write_text(path, buf.getvalue(), mode=PRIVATE_MODE, parents=False)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from ds4_agent.agent.cmd_common import fail
+from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_path, fsync_dir
 
 
 def _read_tokens(path: str) -> list[int]:
@@ -39,11 +38,9 @@ def _write_logits(path: str, engine, state, tokens: list[int], chunk: int | None
     """Stream [T, vocab] float32 rows chunk by chunk into a memory-mapped .npy (a long token
     file never holds all logits in RAM), then fsync and rename into place atomically."""
     out = Path(path)
-    directory = out.parent if str(out.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
     shape = (len(tokens), engine.config.vocab_size)
-    try:
+    # PRIVATE_MODE, no parent creation, strict directory fsync: as this file was always written.
+    with atomic_path(out, mode=PRIVATE_MODE, parents=False, sync_dir=False) as tmp:
         if tokens:
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
             step = chunk or len(tokens)
@@ -55,17 +52,7 @@ def _write_logits(path: str, engine, state, tokens: list[int], chunk: int | None
         else:  # only --load-state/--save-state: an empty [0, vocab] array
             with open(tmp, "wb") as f:  # a handle: np.save(path) would append ".npy"
                 np.save(f, np.zeros(shape, dtype=np.float32))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(out.parent, strict=True)
     return shape
 
 

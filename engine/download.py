@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_write_json, fsync_dir
+
 GGUF_REPO = "antirez/deepseek-v4-gguf"
 OFFICIAL_REPO = "deepseek-ai/DeepSeek-V4-Flash"
 GGUF_FILES = {
@@ -230,9 +232,8 @@ def _load_state(dest: Path) -> dict[str, Any]:
 
 
 def _save_state(dest: Path, state: dict[str, Any]) -> None:
-    from ds4_agent.engine.model_registry import _atomic_write
-
-    _atomic_write(dest / STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
+    # PRIVATE_MODE: the state file has always been written 0600 (tempfile.mkstemp).
+    atomic_write_json(dest / STATE_FILE, state, mode=PRIVATE_MODE, indent=1, sort_keys=True)
 
 
 def _stamp(path: Path) -> list[int]:
@@ -380,7 +381,7 @@ def download(
         if src_path != final:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src_path, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         verified[f.name] = {"stamp": _stamp(final), "check": how}
         _save_state(dest, state)
         paths.append(final)
@@ -424,15 +425,6 @@ def _fetch_with_errors(
                 f"{f.name}: connection lost ({_first_line(e)}); run the command again to resume"
             ) from None
         raise
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _first_line(e: BaseException) -> str:

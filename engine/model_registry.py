@@ -17,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_write_text
 from pydantic import BaseModel, Field, ValidationError
 
 APP = "ds4-agent"
@@ -99,27 +99,6 @@ def load_registry(path: Path | None = None) -> Registry:
         ) from None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +114,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 def save_registry(reg: Registry, path: Path | None = None) -> None:
     path = path or registry_path()
-    _atomic_write(path, (reg.model_dump_json(indent=2) + "\n").encode())
+    # PRIVATE_MODE: the registry has always been written 0600 (tempfile.mkstemp).
+    atomic_write_text(path, reg.model_dump_json(indent=2) + "\n", mode=PRIVATE_MODE)
 
 
 def register_model(entry: ModelEntry, make_default: bool | None = None) -> Registry:

@@ -8,11 +8,10 @@ state is only meaningful for the weights and numerics that computed it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_open, fsync_dir
 from ds4_agent.engine.state_export import LayerExport, StateExport
 
 FORMAT = "ds4-state-npz/1"
@@ -48,22 +47,11 @@ def save_state(path: str | Path, ex: StateExport, fingerprint: str) -> None:
         "layers": layers,
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    # PRIVATE_MODE: state files have always been 0600 (tempfile.mkstemp); no parent creation
+    # and a strict directory fsync, as before.
+    with atomic_open(path, mode=PRIVATE_MODE, parents=False, sync_dir=False) as f:
+        np.savez(f, **arrays)
+    fsync_dir(path.parent, strict=True)
 
 
 def load_state(path: str | Path, fingerprint: str | None = None) -> StateExport:

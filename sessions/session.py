@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from ds4_agent.sessions.session_fs import atomic_copy, atomic_write_text, fsync_dir
+from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_copy, atomic_write_text, fsync_dir
 from ds4_agent.sessions.transcript import Transcript
 from pydantic import BaseModel, Field
 
@@ -98,7 +98,7 @@ class Session:
             first = next((e for e in self.transcript if e.kind == "user"), None)
             if first is not None:
                 self.meta.title = " ".join(first.text.split())[:80]
-        atomic_write_text(self.dir / META, self.meta.model_dump_json(indent=1))
+        atomic_write_text(self.dir / META, self.meta.model_dump_json(indent=1), mode=PRIVATE_MODE)
 
     def start_epoch(self) -> Transcript:
         """Begin a new transcript file (compaction); the older epochs stay on disk."""
@@ -278,7 +278,7 @@ class SessionStore:
         child.dir.mkdir(parents=True, exist_ok=False)
         src = parent.transcript_path()
         if src.exists():
-            atomic_copy(src, child.transcript_path())
+            atomic_copy(src, child.transcript_path(), mode=PRIVATE_MODE)
         else:
             Transcript.create(child.transcript_path())
         child.save_meta()

@@ -17,17 +17,19 @@ matches its dtype and byte count. Only then is a single byte of state used.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import xxhash
+from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_fd, fsync_dir
+
+# Re-exported: the store's gc and `doctor` find leftover temp files by it.
+from ds4_agent.engine.atomic_io import TMP_SUFFIX as TMP_SUFFIX
 from ds4_agent.sessions.snapshot_errors import (
     SnapshotCorruptError,
     SnapshotDiskFullError,
@@ -43,7 +45,6 @@ _PREFIX = struct.Struct("<8sIIQ")  # magic, version, header_len, header checksum
 _ALIGN = 64
 _MAX_HEADER = 64 << 20
 _DTYPES = {"uint8", "uint16", "uint32", "int32", "int64", "float16", "float32", "float64"}
-TMP_SUFFIX = ".tmp"
 
 # Indirection so that tests can simulate a full disk without touching the real one.
 _os_write = os.write
@@ -230,45 +231,30 @@ def _read_exact(f, view: memoryview, path: Path) -> None:
 # Atomic writes
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, chunks: list, *, sync_dir: bool = True) -> int:
     """temp file in the same directory → write → fsync → rename → (directory fsync).
 
     On any failure the temp file is removed and the old `path` (if any) is untouched.
-    Returns the bytes written.
+    Returns the bytes written. The directory fsync is strict: a snapshot is only promised
+    durable once its rename is.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent
-    )
     total = 0
     try:
-        try:
+        # PRIVATE_MODE: snapshot files have always been 0600 (tempfile.mkstemp).
+        with atomic_fd(path, mode=PRIVATE_MODE, sync_dir=False, tag=f"{os.getpid()}.") as (
+            fd,
+            _tmp,
+        ):
             for chunk in chunks:
                 view = memoryview(chunk).cast("B")
                 while len(view):
                     n = _os_write(fd, view[: 64 << 20])
                     total += n
                     view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise translate_os_error(e, f"writing {path.name}") from None
-        raise
+    except OSError as e:
+        raise translate_os_error(e, f"writing {path.name}") from None
     if sync_dir:
-        fsync_dir(path.parent)
+        fsync_dir(path.parent, strict=True)
     return total
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import xxhash
+from ds4_agent.engine.atomic_io import fsync_dir
 from ds4_agent.engine.state_export import LayerExport, StateExport
 from ds4_agent.sessions import codec
 from ds4_agent.sessions.snapshot_errors import (
@@ -57,7 +58,6 @@ from ds4_agent.sessions.snapshot_format import (
     TMP_SUFFIX,
     Container,
     encode_container,
-    fsync_dir,
     open_lock,
     read_container,
     read_header_only,
@@ -290,9 +290,9 @@ class SnapshotStore:
             raise
         # Segments become durable before the snapshot file that names them.
         for d in sorted({p.parent for p in written}):
-            fsync_dir(d)
+            fsync_dir(d, strict=True)
         if written:
-            fsync_dir(self.seg_dir)
+            fsync_dir(self.seg_dir, strict=True)
         write_atomic(self._snap_path(sid), snap_chunks)
 
         now = time.time()

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from ds4_agent.sessions.session_fs import atomic_write_bytes, fsync_dir
+from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_write_bytes, fsync_dir
 from pydantic import BaseModel, Field
 
 EntryKind = Literal[
@@ -73,7 +73,7 @@ class Transcript:
     def create(cls, path: Path, entries: Iterable[Entry] = ()) -> Transcript:
         entries = list(entries)
         data = b"".join(_line(e) for e in entries)
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, mode=PRIVATE_MODE)
         return cls(path, entries, len(data))
 
     @property

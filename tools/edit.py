@@ -6,9 +6,9 @@ import difflib
 import re
 from pathlib import Path
 
+from ds4_agent.engine.atomic_io import atomic_write_bytes
 from pydantic import Field
 
-from .atomic import atomic_write
 from .context import ToolContext, ToolEnv
 from .files import Args, missing_file_error
 from .match import plan_edit
@@ -82,7 +82,7 @@ def _commit(
     tool: str,
 ) -> bytes:
     after = _encode(new_text, had_bom)
-    atomic_write(path, after)
+    atomic_write_bytes(path, after)
     env.journal.record(ctx.turn, path, before, after, tool)
     env.workspace.note_read(path, after)
     return after

@@ -7,9 +7,9 @@ import os
 import stat
 from pathlib import Path
 
+from ds4_agent.engine.atomic_io import atomic_write_bytes
 from pydantic import BaseModel, ConfigDict, Field
 
-from .atomic import atomic_write
 from .context import ToolContext, ToolEnv
 from .result import ToolError, ToolResult
 from .textutil import IMAGE_SUFFIXES, decode_text, fit_lines, looks_binary, number_lines
@@ -178,7 +178,7 @@ def tool_write(args: WriteArgs, env: ToolEnv, ctx: ToolContext) -> ToolResult:
         content = content.replace("\n", "\r\n")
         note = "; kept the file's CRLF line endings"
     after = content.encode("utf-8")
-    atomic_write(path, after)
+    atomic_write_bytes(path, after)
     env.journal.record(ctx.turn, path, before, after, "Write")
     ws.note_read(path, after)
     n_lines = args.content.count("\n") + (

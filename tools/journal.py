@@ -12,7 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write
+from ds4_agent.engine.atomic_io import atomic_write_bytes
+
 from .workspace import digest
 
 
@@ -110,7 +111,7 @@ class UndoJournal:
                     path.unlink()
                 report.deleted.append(path_str)
             else:
-                atomic_write(path, self._get(e_first.before))
+                atomic_write_bytes(path, self._get(e_first.before))
                 report.restored.append(path_str)
             done.update(id(e) for e in entries if e.path == path_str)
         # Restored entries leave the journal so a second undo does not replay them.
@@ -129,7 +130,7 @@ class UndoJournal:
             if self.store_dir is not None:
                 blob = self.store_dir / "blobs" / key
                 if not blob.exists():
-                    atomic_write(blob, data)
+                    atomic_write_bytes(blob, data)
         return key
 
     def _get(self, key: str) -> bytes:
@@ -145,7 +146,7 @@ class UndoJournal:
         if self.store_dir is None:
             return
         payload = json.dumps({"version": 1, "entries": [asdict(e) for e in self.entries]})
-        atomic_write(self.store_dir / "journal.json", payload.encode())
+        atomic_write_bytes(self.store_dir / "journal.json", payload.encode())
 
     def _load(self) -> None:
         assert self.store_dir is not None

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write
+from ds4_agent.engine.atomic_io import atomic_write_bytes
+
 from .context import ToolContext, ToolEnv
 from .files import Args
 from .result import ToolError, ToolResult
@@ -293,14 +294,14 @@ def tool_apply_patch(args: ApplyPatchArgs, env: ToolEnv, ctx: ToolContext) -> To
                 if path.exists():
                     path.unlink()
             else:
-                atomic_write(path, after)
+                atomic_write_bytes(path, after)
             done.append((path, before))
     except OSError as e:
         for path, before in reversed(done):
             if before is None:
                 path.unlink(missing_ok=True)
             else:
-                atomic_write(path, before)
+                atomic_write_bytes(path, before)
         raise ToolError(
             f"apply_patch: writing failed ({e.strerror}: {e.filename}); no files were changed, fix the problem and retry"
         ) from None
