@@ -201,6 +201,29 @@ def bench_decode(engine: Engine, ctx: int, steps: int, wbytes: int, bw: float) -
     return tps
 
 
+def bench_decode_async(engine: Engine, ctx: int, steps: int) -> float:
+    """Teacher-forced decode with the next step's graph built while the GPU runs the current
+    one (`mx.async_eval`, the mlx-lm pattern): what asynchronous evaluation would buy."""
+    st = synthetic_state(engine, ctx)
+    model = engine.model
+
+    def step(tok: int) -> mx.array:
+        lg = model.forward(st, [tok])
+        st.tokens.append(tok)
+        mx.async_eval(lg, *st.arrays())
+        return lg
+
+    for i in range(3):
+        mx.eval(step(5 + i))
+    t0 = time.perf_counter()
+    for i in range(steps):
+        lg = step(9 + i)
+    mx.eval(lg)
+    dt = (time.perf_counter() - t0) / steps
+    record("decode", f"async_tok_s@{ctx}", 1 / dt, "tok/s", f"{dt * 1e3:.2f} ms/token, async_eval")
+    return 1 / dt
+
+
 def count_ops(engine: Engine, ctx: int) -> None:
     st = synthetic_state(engine, ctx).clone()
     logits = engine.model.forward(st, [7])
@@ -542,6 +565,8 @@ def _run(args, out: Path) -> None:
         del st
         for c in args.decode_ctx:
             bench_decode(engine, c, args.decode_steps, wbytes, ceil["bw"])
+        if "async" not in args.skip:
+            bench_decode_async(engine, args.decode_ctx[0], args.decode_steps)
     check_sinkhorn(engine.config)
     if "ops" not in args.skip:
         count_ops(engine, args.profile_ctx)
