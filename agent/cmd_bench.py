@@ -2,6 +2,7 @@
 
     ds4-agent bench --model DIR [--ctx 512 4096 …] [--decode 32] [--chunk 256]
     ds4-agent bench --synthetic mid          # random mid-size model, no download (CI smoke)
+    ds4-agent bench --synthetic flash --tier q2 [--layers N]   # real Flash shapes (GPU-sized)
 
 For each context length: prefill that many random tokens (timed), then decode `--decode`
 tokens (timed). "weights/token" counts the bytes one decoded token reads (all dense weights,
@@ -37,9 +38,15 @@ def register(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", metavar="DIR", help="model directory (official or converted)")
     src.add_argument(
         "--synthetic",
-        choices=["mid"],
+        choices=["mid", "flash"],
         metavar="SIZE",
-        help="benchmark a random in-memory model instead (SIZE: mid)",
+        help="benchmark a random in-memory model instead (SIZE: mid, or flash = the real shapes)",
+    )
+    p.add_argument(
+        "--tier", choices=["q2", "q4"], default="q2", help="--synthetic flash: converted tier"
+    )
+    p.add_argument(
+        "--layers", type=int, metavar="N", help="--synthetic flash: first N layers (default all)"
     )
     p.add_argument("--ctx", type=int, nargs="+", default=[512], metavar="N", help="context lengths")
     p.add_argument("--decode", type=int, default=32, metavar="N", help="tokens to decode")
@@ -61,7 +68,7 @@ def _write_csv(path: str, rows: list[dict]) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if not args.model and not args.synthetic:
-        return fail("bench needs --model DIR or --synthetic mid")
+        return fail("bench needs --model DIR or --synthetic mid|flash")
     if any(n <= 0 for n in args.ctx) or args.decode < 0 or args.chunk <= 0:
         return fail("--ctx and --chunk must be positive, --decode non-negative")
     import mlx.core as mx
@@ -70,12 +77,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ds4_agent.engine.generate import Engine
     from ds4_agent.engine.synthetic import (
         active_weight_bytes,
+        flash_config,
         synthetic_config,
         synthetic_weights,
+        tier_weights,
     )
 
     try:
-        if args.synthetic:
+        if args.synthetic == "flash":
+            # Full tests/bench/bench_flash.py also measures components, kernels, snapshots.
+            cfg = flash_config(args.layers)
+            engine = Engine(cfg, tier_weights(cfg, args.tier, seed=args.seed), args.numerics)
+            label = f"synthetic-flash-{args.tier}-{cfg.num_hidden_layers}L"
+        elif args.synthetic:
             cfg = synthetic_config(args.synthetic)
             engine = Engine(cfg, synthetic_weights(cfg, seed=args.seed), args.numerics)
             label = f"synthetic-{args.synthetic}"
