@@ -28,26 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from ds4_agent.agent.render import Renderer
-from ds4_agent.agent.round_parser import DsmlError, RoundParser, ToolCall, parse_calls
+from ds4_agent.agent.round_parser import DSML_ERROR_KINDS, Round, ToolCall
 from ds4_agent.sessions.session import Session
 from ds4_agent.sessions.transcript import Entry
 
 ThinkingMode = Literal["thinking", "chat", "max"]
-
-# Parse errors that mean "the model tried to call a tool and got it wrong": the round is
-# answered with the error as a tool result so the model can retry. Other irregularities
-# (no EOS, no </think>) leave a plain answer as it is.
-DSML_ERROR_KINDS = frozenset(
-    {
-        "dsml_syntax",
-        "duplicate_parameter",
-        "invalid_json",
-        "content_after_tool_calls",
-        "interrupted_tool_call",
-        "tool_call_in_thinking",
-    }
-)
-
 
 # -- what the loop needs from its collaborators ------------------------------------------
 
@@ -298,15 +283,14 @@ class Agent:
                 return self._finish(res, stats, "limit")
             parser, stop, tokens = self._decode_round(logits, stats)
             res.rounds += 1
-            wants_tools = stop == "calls" or parser.phase == "dsml" or parser.dsml_in_thinking
             turn = parser.turn
-            if turn is not None:  # the tolerant parser also knows calls in variant spellings
-                err = turn.error
-                wants_tools = (
-                    stop == "calls"
-                    or bool(turn.tool_calls)
-                    or (err is not None and err.kind in DSML_ERROR_KINDS)
-                )
+            assert turn is not None
+            err = turn.error
+            wants_tools = (
+                stop == "calls"
+                or bool(turn.tool_calls)
+                or (err is not None and err.kind in DSML_ERROR_KINDS)
+            )
             if not wants_tools:
                 res.answer = parser.answer  # text before tool calls is not the answer
             calls: list[ToolCall] = []
@@ -381,16 +365,14 @@ class Agent:
 
     # -- decoding one assistant round ------------------------------------------------------
 
-    def _decode_round(self, logits: Any, stats: RoundStats) -> tuple[RoundParser, str, list[int]]:
-        """Sample one assistant round; returns the parser, why it stopped, and its tokens.
+    def _decode_round(self, logits: Any, stats: RoundStats) -> tuple[Round, str, list[int]]:
+        """Sample one assistant round; returns the parsed round, why it stopped, and its tokens.
 
         The tokens are not yet in the transcript (the caller appends them together with the
         parsed calls); all but the last one are already in the engine state.
         """
-        parser = RoundParser(thinking=self.cfg.thinking)
-        dp = self._dsml_parser()  # the project's tolerant parser decides what the calls are
+        parser = Round(self.cfg.thinking, self.tok, self.sp.think_end)
         sampled: list[int] = []
-        pending_bytes: list[int] = []  # tokens whose text is not complete UTF-8 yet
         stop = "length"
         t0 = time.perf_counter()
         room = self.cfg.ctx_limit - len(self.tokens) - 2
@@ -403,36 +385,17 @@ class Agent:
             # greedily: a typo there costs a whole retry round; payload text samples freely.
             tok = sample_token(self.sampler, logits, greedy=parser.in_dsml_structure())
             sampled.append(tok)
-            block_end = False
-            if dp is not None:
-                for ev in dp.feed_token(tok):
-                    kind = ev.__class__.__name__
-                    # A closed block, or a malformed one (nothing after it can be executed):
-                    # stop here, the agent appends EOS and answers with results or feedback.
-                    if kind == "ToolBlockEnd" or (
-                        kind == "Error" and ev.error.kind in DSML_ERROR_KINDS
-                    ):
-                        block_end = True
+            self._emit(parser, parser.feed_token(tok))
             if tok == self.sp.eos:
                 stop = "eos"
                 break
-            if tok == self.sp.think_end and parser.in_think:
-                self._emit(parser, parser.feed(self._flush_text(pending_bytes)))
-                parser.end_think()
-            else:
-                pending_bytes.append(tok)
-                text = self.tok.decode(pending_bytes)
-                if not text.endswith("\ufffd"):
-                    pending_bytes.clear()
-                    self._emit(parser, parser.feed(text))
-            if parser.done or block_end:
+            # A closed block, or a malformed one (nothing after it can be executed): stop
+            # here, the agent appends EOS and answers with results or feedback.
+            if parser.ended:
                 stop = "calls"
                 break
             logits = self.engine.decode(self.state, tok)
-        self._emit(parser, parser.feed(self._flush_text(pending_bytes)))
-        self._emit(parser, parser.flush())
-        if dp is not None:
-            parser.turn = dp.result()
+        self._emit(parser, parser.finish())
         if stop == "calls":
             sampled.append(self.sp.eos)  # official shape: the block is followed by EOS
         stats.decode_tokens += len(sampled) - (stop == "calls")
@@ -440,66 +403,32 @@ class Agent:
         self.total_decode += len(sampled) - (stop == "calls")
         return parser, stop, sampled
 
-    def _flush_text(self, pending: list[int]) -> str:
-        if not pending:
-            return ""
-        text = self.tok.decode(pending)
-        pending.clear()
-        return text
-
-    def _emit(self, parser: RoundParser, pieces: list[tuple[str, str]]) -> None:
+    def _emit(self, parser: Round, pieces: list[tuple[str, str]]) -> None:
         for kind, delta in pieces:
             if kind == "reasoning":
                 self.events.reasoning(delta)
             elif kind == "text":
                 self.events.text(delta)
             else:
-                self.events.tool_call_streaming(parser.current_invoke() or "", parser.dsml)
+                self.events.tool_call_streaming(parser.call_name, parser.dsml)
 
     # -- tools -----------------------------------------------------------------------------
 
     def _tool_context(self) -> Any:
-        try:
-            from ds4_agent.tools.context import ToolContext
-        except ImportError:  # tools package not installed in this build
-            return None
+        from ds4_agent.tools.context import ToolContext
+
         # The tools share the interrupt flag: Esc/Ctrl+C also stops a running command.
         return ToolContext(turn=self.turn_no, cancel=self.interrupt, approve=self.events.approve)
 
-    def _dsml_parser(self) -> Any:
-        try:
-            from ds4_agent.prompts.dsml import DsmlParser
-        except ImportError:  # fall back to the strict parser in round_parser.py
-            return None
-        mode = "thinking" if self.cfg.thinking else "chat"
-        return DsmlParser(mode, self.tok)
-
-    def _parse(self, parser: RoundParser, round_no: int) -> tuple[list[ToolCall], str | None]:
+    def _parse(self, parser: Round, round_no: int) -> tuple[list[ToolCall], str | None]:
         turn = parser.turn
-        if turn is not None:
-            err = turn.error if turn.error and turn.error.kind in DSML_ERROR_KINDS else None
-            if err is not None:
-                msg = f"Tool error: {err.feedback()}"
-                self.events.invalid_calls(msg, parser.dsml or parser.reasoning[-400:])
-                return [], msg
-            calls = [
-                ToolCall(id=f"call_{round_no}_{i}", name=c.name, arguments=dict(c.params))
-                for i, c in enumerate(turn.tool_calls)
-            ]
-            return calls, None
-        if parser.dsml_in_thinking and parser.phase not in ("dsml", "done"):
-            msg = (
-                "Tool error: tool calls are not allowed inside <think></think>; close the "
-                "reasoning with </think> first, then emit the <｜DSML｜tool_calls> block"
-            )
-            self.events.invalid_calls(msg, parser.reasoning[-400:])
+        assert turn is not None
+        err = turn.error if turn.error and turn.error.kind in DSML_ERROR_KINDS else None
+        if err is not None:
+            msg = f"Tool error: {err.feedback()}"
+            self.events.invalid_calls(msg, parser.dsml or parser.reasoning[-400:])
             return [], msg
-        try:
-            return parse_calls(parser.dsml, round_no), None
-        except DsmlError as e:
-            msg = f"Tool error: {e}. Send the call again with valid DSML."
-            self.events.invalid_calls(msg, parser.dsml)
-            return [], msg
+        return parser.calls(round_no), None
 
     def _run_calls(self, calls: list[ToolCall], seen: dict[str, int], ctx: Any) -> list[str]:
         out: list[str] = []

@@ -1,25 +1,36 @@
-"""Splits one assistant round, as it streams, into reasoning, answer text and a DSML block.
+"""One assistant round as it streams, read by the project's DSML parser (`prompts.dsml`).
 
-Fed token by token (the `</think>` token by id, everything else as decoded text). It tells
-the loop when the tool-call block is complete, so decoding stops right there (the agent then
-appends EOS itself, as the official format has it), and it hands the UI what to draw while
-the block is still being generated (the tool name and the parameters so far).
-
-The block itself is parsed into calls by `parse_calls`, strictly by the official grammar
-but tolerant of whitespace; a malformed block becomes an error message that goes back to the
-model as a tool result, so it can retry.
+`DsmlParser` decides the phases (reasoning, answer text, tool-call block), the calls and the
+errors. This module adds only what the agent loop needs on top of its events: call ids and a
+repeat key, whether sampling is inside DSML structure (sampled greedily there), the block's
+text as written (for the UI), and the rest of a round the parser stopped reading because of an
+irregularity that is not a tool-call error (a stray special token): the loop decodes on to EOS
+as before, and that text is still shown and kept (reasoning until `</think>`, then answer).
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from ds4_agent.agent.render import CALLS_CLOSE, CALLS_OPEN, DSML
+from ds4_agent.prompts import dsml
 
 Kind = Literal["reasoning", "text", "dsml"]
+
+# Parse errors that mean "the model tried to call a tool and got it wrong": the round is
+# answered with the error as a tool result so the model can retry. Other irregularities
+# (no EOS, no </think>, a stray special token) leave a plain answer as it is.
+DSML_ERROR_KINDS = frozenset(
+    {
+        "dsml_syntax",
+        "duplicate_parameter",
+        "invalid_json",
+        "content_after_tool_calls",
+        "interrupted_tool_call",
+        "tool_call_in_thinking",
+    }
+)
 
 
 @dataclass
@@ -32,174 +43,116 @@ class ToolCall:
         return self.name + "\0" + json.dumps(self.arguments, sort_keys=True, ensure_ascii=False)
 
 
-@dataclass
-class RoundParser:
-    thinking: bool
-    phase: Literal["think", "text", "dsml", "done"] = "text"
-    reasoning: str = ""
-    text: str = ""
-    dsml: str = ""
-    dsml_in_thinking: bool = False  # the model tried a tool call inside <think>
-    _hold: str = ""  # text held back: it may be the start of the DSML marker
-    events: list[tuple[Kind, str]] = field(default_factory=list)
-    turn: Any = None  # prompts.dsml.ParsedTurn of the round, when that parser ran alongside
+class Round:
+    """Fed every sampled token (`feed_token`); `finish()` once sampling stopped."""
 
-    def __post_init__(self) -> None:
-        if self.thinking:
-            self.phase = "think"
-
-    @property
-    def in_think(self) -> bool:
-        return self.phase == "think"
-
-    @property
-    def done(self) -> bool:
-        return self.phase == "done"
-
-    def end_think(self) -> None:
-        if self.phase == "think":
-            self.phase = "text"
-
-    def feed(self, delta: str) -> list[tuple[Kind, str]]:
-        """Consume decoded text; return what became visible, as (kind, text) pieces."""
-        out: list[tuple[Kind, str]] = []
-        if not delta or self.phase == "done":
-            return out
-        if self.phase == "think":
-            self.reasoning += delta
-            if DSML in self.reasoning or "|DSML|" in self.reasoning:
-                self.dsml_in_thinking = True
-            out.append(("reasoning", delta))
-            return out
-        if self.phase == "text":
-            buf = self._hold + delta
-            self._hold = ""
-            i = buf.find(CALLS_OPEN)
-            if i < 0:
-                keep = _partial_suffix(buf, CALLS_OPEN)
-                visible, self._hold = buf[: len(buf) - keep], buf[len(buf) - keep :]
-                if visible:
-                    self.text += visible
-                    out.append(("text", visible))
-                return out
-            if buf[:i]:
-                self.text += buf[:i]
-                out.append(("text", buf[:i]))
-            self.phase = "dsml"
-            delta = buf[i:]
-        # dsml phase
-        self.dsml += delta
-        out.append(("dsml", delta))
-        if CALLS_CLOSE in self.dsml:
-            self.phase = "done"
-        return out
-
-    def flush(self) -> list[tuple[Kind, str]]:
-        """End of the round: release held-back text."""
-        if self._hold and self.phase == "text":
-            self.text += self._hold
-            held, self._hold = self._hold, ""
-            return [("text", held)]
-        return []
+    def __init__(self, thinking: bool, tokenizer: Any, think_end_id: int) -> None:
+        self._parser = dsml.DsmlParser("thinking" if thinking else "chat", tokenizer)
+        # A second decoder of the same tokens: the text as written, for the block shown while
+        # it streams and for the rest of a round after the parser stopped reading.
+        self._decoder = tokenizer.stream_decoder()
+        self._eos_id = tokenizer.eos_id
+        self._think_end_id = think_end_id
+        self.in_think = thinking
+        self.reasoning = ""
+        self.text = ""
+        self.dsml = ""  # the tool-call block as written so far
+        self._after_think = ""  # everything written after the reasoning, as written
+        self.ended = False  # the block closed, or a tool-call error: stop sampling here
+        self.turn: dsml.ParsedTurn | None = None
+        self._in_block = False
+        self._in_string = False  # inside a string="true" parameter value
+        self._call_name = ""
+        self._stopped = False  # the parser stopped at an irregularity that is not a DSML error
 
     @property
     def answer(self) -> str:
         return self.text.strip()
 
+    @property
+    def call_name(self) -> str:
+        """Name of the tool being generated right now (for drawing calls as they stream)."""
+        return self._call_name
+
     def in_dsml_structure(self) -> bool:
         """True while the model writes DSML structure rather than a string parameter value."""
-        if self.phase != "dsml":
-            return False
-        open_at = self.dsml.rfind(f"<{DSML}parameter ")
-        if open_at < 0 or self.dsml.find(f"</{DSML}parameter", open_at) >= 0:
-            return True  # between elements
-        header_end = self.dsml.find(">", open_at)
-        if header_end < 0:
-            return True  # still writing the parameter's header
-        return 'string="true"' not in self.dsml[open_at:header_end]
+        return self._in_block and not self._in_string
 
-    def current_invoke(self) -> str | None:
-        """Name of the tool being generated right now (for drawing calls as they stream)."""
-        names = re.findall(rf'<{DSML}invoke name="([^"]*)"', self.dsml)
-        return names[-1] if names else None
+    def feed_token(self, tok: int) -> list[tuple[Kind, str]]:
+        """Consume one sampled token; return what became visible, as (kind, text) pieces."""
+        events = self._parser.feed_token(tok)
+        raw = ""
+        if tok != self._eos_id and not (tok == self._think_end_id and self.in_think):
+            raw = self._decoder.feed(tok)
+            if not self.in_think:
+                self._after_think += raw
+        if self._stopped:
+            return self._unparsed(tok, raw)
+        out: list[tuple[Kind, str]] = []
+        for ev in events:
+            if isinstance(ev, dsml.ReasoningDelta):
+                self.reasoning += ev.text
+                out.append(("reasoning", ev.text))
+            elif isinstance(ev, dsml.ReasoningEnd):
+                self.in_think = False
+            elif isinstance(ev, dsml.TextDelta):
+                self.text += ev.text
+                out.append(("text", ev.text))
+            elif isinstance(ev, dsml.ToolBlockStart):
+                self._in_block = True
+            elif isinstance(ev, dsml.ToolCallStart):
+                self._call_name = ev.name
+            elif isinstance(ev, dsml.ParamStart):
+                self._in_string = ev.is_string
+            elif isinstance(ev, dsml.ParamEnd):
+                self._in_string = False
+            elif isinstance(ev, dsml.ToolBlockEnd):
+                self._in_block = False
+                self.ended = True
+            elif isinstance(ev, dsml.Error):
+                self._in_block = self._in_string = False
+                if ev.error.kind in DSML_ERROR_KINDS:
+                    self.ended = True
+                else:
+                    self._stopped = True
+        if self._in_block or self.ended:
+            # The parser drops the whitespace between the answer and the block.
+            self.dsml = self._after_think[len(self.text) :].lstrip()
+            if raw:
+                out.append(("dsml", raw))
+        return out
 
+    def _unparsed(self, tok: int, raw: str) -> list[tuple[Kind, str]]:
+        if tok == self._think_end_id and self.in_think:
+            self.in_think = False
+            return []
+        if not raw:
+            return []
+        if self.in_think:
+            self.reasoning += raw
+            return [("reasoning", raw)]
+        self.text += raw
+        return [("text", raw)]
 
-def _partial_suffix(s: str, marker: str) -> int:
-    """Length of the longest suffix of s that is a proper prefix of marker."""
-    for n in range(min(len(s), len(marker) - 1), 0, -1):
-        if marker.startswith(s[-n:]):
-            return n
-    return 0
+    def finish(self) -> list[tuple[Kind, str]]:
+        """Sampling stopped: close the parse; return text that was still held back."""
+        out: list[tuple[Kind, str]] = []
+        tail = self._decoder.flush()
+        for ev in self._parser.finish():
+            if isinstance(ev, dsml.ReasoningDelta):
+                self.reasoning += ev.text
+                out.append(("reasoning", ev.text))
+            elif isinstance(ev, dsml.TextDelta):
+                self.text += ev.text
+                out.append(("text", ev.text))
+        if self._stopped:
+            out += self._unparsed(-1, tail)
+        self.turn = self._parser.result()
+        return out
 
-
-_INVOKE = re.compile(rf'<{DSML}invoke\s+name="([^"]*)"\s*>(.*?)</{DSML}invoke\s*>', re.S)
-_PARAM = re.compile(
-    rf'<{DSML}parameter\s+name="([^"]*)"\s+string="(true|false)"\s*>(.*?)</{DSML}parameter\s*>',
-    re.S,
-)
-
-
-class DsmlError(ValueError):
-    pass
-
-
-def parse_calls(block: str, round_no: int = 0) -> list[ToolCall]:
-    """Parse a complete `<｜DSML｜tool_calls>…</｜DSML｜tool_calls>` block.
-
-    Raises DsmlError with a message written for the model (what is wrong, what to send).
-    """
-    start = block.find(CALLS_OPEN)
-    end = block.find(CALLS_CLOSE)
-    if start < 0:
-        raise DsmlError("invalid tool call: missing <｜DSML｜tool_calls> opening tag")
-    if end < 0:
-        raise DsmlError("invalid tool call: the block ended without </｜DSML｜tool_calls>")
-    inner = block[start + len(CALLS_OPEN) : end]
-    calls: list[ToolCall] = []
-    pos = 0
-    for m in _INVOKE.finditer(inner):
-        if inner[pos : m.start()].strip():
-            raise DsmlError(
-                f"invalid tool call: unexpected text {inner[pos : m.start()].strip()[:60]!r} "
-                "between invoke elements"
-            )
-        pos = m.end()
-        name, body = m.group(1), m.group(2)
-        if not name:
-            raise DsmlError("invalid tool call: invoke without a tool name")
-        args: dict[str, Any] = {}
-        ppos = 0
-        for p in _PARAM.finditer(body):
-            if body[ppos : p.start()].strip():
-                raise DsmlError(
-                    f"invalid tool call to {name}: unexpected text "
-                    f"{body[ppos : p.start()].strip()[:60]!r}; each argument must be a "
-                    f'<｜DSML｜parameter name="…" string="true|false"> element'
-                )
-            ppos = p.end()
-            key, is_str, raw = p.group(1), p.group(2) == "true", p.group(3)
-            if key in args:
-                raise DsmlError(f"invalid tool call to {name}: parameter '{key}' given twice")
-            if is_str:
-                args[key] = raw
-            else:
-                try:
-                    args[key] = json.loads(raw)
-                except json.JSONDecodeError:
-                    raise DsmlError(
-                        f"invalid tool call to {name}: parameter '{key}' has string=\"false\" "
-                        f'but {raw[:60]!r} is not JSON; use string="true" for text'
-                    ) from None
-        if body[ppos:].strip():
-            raise DsmlError(
-                f"invalid tool call to {name}: unexpected text {body[ppos:].strip()[:60]!r}"
-            )
-        calls.append(ToolCall(id=f"call_{round_no}_{len(calls)}", name=name, arguments=args))
-    if inner[pos:].strip():
-        raise DsmlError(
-            f"invalid tool call: unexpected text {inner[pos:].strip()[:60]!r} "
-            '(expected <｜DSML｜invoke name="…"> elements)'
-        )
-    if not calls:
-        raise DsmlError("invalid tool call: the block holds no <｜DSML｜invoke> element")
-    return calls
+    def calls(self, round_no: int) -> list[ToolCall]:
+        assert self.turn is not None
+        return [
+            ToolCall(id=f"call_{round_no}_{i}", name=c.name, arguments=dict(c.params))
+            for i, c in enumerate(self.turn.tool_calls)
+        ]

@@ -1,14 +1,10 @@
-"""Streaming split of an assistant round and strict parsing of DSML tool-call blocks."""
+"""One assistant round read by the project's DSML parser, token by token, as the loop feeds it."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from ds4_agent.agent.round_parser import DsmlError, RoundParser, parse_calls
-
-GOLDEN = Path(__file__).parent / "golden" / "dsv4-encoding" / "parse"
+from agent_harness import tokenizer
+from ds4_agent.agent.round_parser import Round
 
 BLOCK = (
     "<｜DSML｜tool_calls>\n"
@@ -21,72 +17,97 @@ BLOCK = (
     "</｜DSML｜invoke>\n"
     "</｜DSML｜tool_calls>"
 )
+EOS = "<｜end▁of▁sentence｜>"
 
 
-def test_streamed_one_char_at_a_time_splits_text_and_block():
-    p = RoundParser(thinking=True)
-    kinds = []
-    for ch in "plan":
-        kinds += [k for k, _ in p.feed(ch)]
-    p.end_think()
-    for ch in "Answer.\n\n" + BLOCK + "ignored":
-        kinds += [k for k, _ in p.feed(ch)]
-    assert p.reasoning == "plan" and p.answer == "Answer."
-    assert p.done and p.dsml == BLOCK  # stops right at the closing tag
+@pytest.fixture(scope="module")
+def tok(tokenizer_json):
+    return tokenizer(tokenizer_json)
+
+
+def _round(tok, thinking: bool) -> Round:
+    return Round(thinking, tok, tok.token_id("</think>"))
+
+
+def _feed(r: Round, tok, text: str) -> list[tuple[str, str]]:
+    """Feed tokens until the round says stop (as the loop does); return the pieces."""
+    pieces: list[tuple[str, str]] = []
+    for t in tok.encode_trusted(text):
+        pieces += r.feed_token(t)
+        if r.ended or t == tok.eos_id:
+            break
+    return pieces
+
+
+def test_splits_reasoning_text_and_block_and_stops_at_the_close(tok):
+    r = _round(tok, thinking=True)
+    kinds = [k for k, _ in _feed(r, tok, "plan</think>Answer.\n\n" + BLOCK + "ignored")]
+    r.finish()
+    assert r.reasoning == "plan" and r.answer == "Answer."
+    assert r.ended and r.dsml == BLOCK  # stops right at the closing tag
+    assert not r.in_think
     assert kinds[0] == "reasoning" and "text" in kinds and kinds[-1] == "dsml"
-    calls = parse_calls(p.dsml, round_no=3)
+    calls = r.calls(round_no=3)
     assert [(c.id, c.name) for c in calls] == [("call_3_0", "Read"), ("call_3_1", "Bash")]
     assert calls[0].arguments == {"path": "src/a b.py", "limit": 20}
     assert calls[1].arguments == {"command": 'echo "x\ny"'}
 
 
-def test_partial_marker_is_held_back_then_released():
-    p = RoundParser(thinking=False)
-    assert p.feed("a <｜DS") == [("text", "a ")]
-    assert p.feed("x") == [("text", "<｜DSx")]
-    p.feed(" <")
-    assert p.flush() == [("text", "<")]
+def test_variant_spelling_still_gives_calls(tok):
+    r = _round(tok, thinking=False)
+    _feed(r, tok, "ok\n" + BLOCK.replace("<｜DSML｜invoke", "<DSML｜invoke"))
+    r.finish()
+    assert r.ended and [c.name for c in r.calls(0)] == ["Read", "Bash"]
 
 
-def test_dsml_inside_thinking_is_flagged():
-    p = RoundParser(thinking=True)
-    p.feed("maybe <｜DSML｜invoke")
-    assert p.dsml_in_thinking and p.phase == "think"
+def test_unfinished_round_is_still_in_think(tok):
+    r = _round(tok, thinking=True)
+    _feed(r, tok, "still thinking about <｜DS")
+    assert r.in_think and r.reasoning.startswith("still thinking")
+    r.finish()
+    assert r.turn is not None and r.turn.error.kind == "missing_think_end"
+
+
+def test_call_only_inside_thinking_is_an_error_for_the_model(tok):
+    r = _round(tok, thinking=True)
+    _feed(r, tok, "maybe " + BLOCK + "</think>done" + EOS)
+    r.finish()
+    assert r.turn.error.kind == "tool_call_in_thinking" and r.calls(0) == []
 
 
 @pytest.mark.parametrize(
-    ("block", "message"),
+    ("block", "kind"),
     [
-        (BLOCK.replace("</｜DSML｜tool_calls>", ""), "without </｜DSML｜tool_calls>"),
-        ("<｜DSML｜tool_calls>\n</｜DSML｜tool_calls>", "no <｜DSML｜invoke>"),
-        (BLOCK.replace('string="false">20', 'string="false">twenty'), "is not JSON"),
-        (BLOCK.replace('name="limit"', 'name="path"'), "given twice"),
-        (BLOCK.replace("</｜DSML｜invoke>\n<", "</｜DSML｜invoke>\nstray <", 1), "unexpected text"),
+        (BLOCK.replace('string="false">20', 'string="false">twenty'), "invalid_json"),
+        (BLOCK.replace('name="limit"', 'name="path"'), "duplicate_parameter"),
+        (BLOCK.replace("</｜DSML｜invoke>\n<", "</｜DSML｜invoke>\nstray <", 1), "dsml_syntax"),
+        (BLOCK.replace("</｜DSML｜tool_calls>", EOS), "interrupted_tool_call"),
     ],
 )
-def test_malformed_blocks_give_model_readable_errors(block, message):
-    with pytest.raises(DsmlError, match=message):
-        parse_calls(block)
+def test_malformed_blocks_stop_early_with_feedback(tok, block, kind):
+    r = _round(tok, thinking=False)
+    _feed(r, tok, "x\n\n" + block + "\nmore text")
+    r.finish()
+    assert r.ended
+    assert r.turn.error.kind == kind and r.calls(0) == []
+    assert "invalid DSML tool call" in r.turn.error.feedback()
 
 
-def test_agrees_with_golden_parse_cases():
-    checked = 0
-    for path in sorted(GOLDEN.glob("*.json")):
-        case = json.loads(path.read_text())
-        text = case.get("completion") or case.get("text") or case.get("input")
-        expected = case.get("expected") or {}
-        calls = expected.get("tool_calls") if isinstance(expected, dict) else None
-        if not text or not calls or "<｜DSML｜tool_calls>" not in text:
-            continue
-        got = parse_calls(text)
-        assert [c.name for c in got] == [c["function"]["name"] for c in calls]
-        assert [c.arguments for c in got] == [json.loads(c["function"]["arguments"]) for c in calls]
-        checked += 1
-    assert checked >= 2
+def test_text_after_a_stray_special_token_is_kept(tok):
+    # The parser stops reading at a special token that has no place in the answer; the loop
+    # decodes on to EOS, and that text is still shown and kept as the answer.
+    r = _round(tok, thinking=True)
+    pieces = _feed(r, tok, "a<think>b</think>first <think> then more" + EOS)
+    pieces += r.finish()
+    assert not r.ended
+    assert r.turn.error.kind == "unexpected_special"
+    assert r.reasoning.startswith("a") and "b" in r.reasoning
+    assert r.answer.startswith("first") and r.answer.endswith("then more")
+    assert "".join(d for k, d in pieces if k == "text") == r.text
 
 
-def test_dsml_structure_versus_string_payload():
-    p = RoundParser(thinking=False)
+def test_dsml_structure_versus_string_payload(tok):
+    r = _round(tok, thinking=False)
     states = []
     for piece in [
         "Answer.\n\n<｜DSML｜tool_calls>\n",
@@ -95,7 +116,8 @@ def test_dsml_structure_versus_string_payload():
         '</｜DSML｜parameter>\n<｜DSML｜parameter name="timeout" string="false">',
         "30",
     ]:
-        p.feed(piece)
-        states.append(p.in_dsml_structure())
+        _feed(r, tok, piece)
+        states.append(r.in_dsml_structure())
     assert states == [True, False, False, True, True]
-    assert not RoundParser(thinking=False).in_dsml_structure()  # plain text: free sampling
+    assert r.call_name == "Bash"
+    assert not _round(tok, thinking=False).in_dsml_structure()  # plain text: free sampling
