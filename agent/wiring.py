@@ -84,10 +84,8 @@ def build_tools(
 
 def open_snapshot_store() -> Any:
     """The shared KV snapshot store, or None (then sessions rebuild by prefill)."""
-    try:
-        from ds4_agent.sessions.store import SnapshotStore
-    except ImportError:
-        return None
+    from ds4_agent.sessions.store import SnapshotStore
+
     try:
         return SnapshotStore(snapshots_dir())
     except (OSError, ValueError):
