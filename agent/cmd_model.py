@@ -328,13 +328,10 @@ def register(p: argparse.ArgumentParser) -> None:
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_download)
 
-    try:
-        from ds4_agent.agent import model_convert
-    except ImportError:  # converter commands not in this build
-        model_convert = None  # type: ignore[assignment]
-    if model_convert is not None:
-        model_convert.register_convert(sub)
-        model_convert.register_info(sub)
+    from ds4_agent.agent import model_convert
+
+    model_convert.register_convert(sub)
+    model_convert.register_info(sub)
 
     ls = sub.add_parser("list", help="list installed models (* = default)")
     ls.set_defaults(func=run_list)

@@ -151,8 +151,6 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def _register_gc(sub: argparse._SubParsersAction) -> None:
     """`sessions gc` comes from the snapshot store (sessions/store_cli.py)."""
-    try:
-        from ds4_agent.sessions.store_cli import register_gc
-    except ImportError:
-        return
+    from ds4_agent.sessions.store_cli import register_gc
+
     register_gc(sub)

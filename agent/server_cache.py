@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ds4_agent.agent.server_replay import atomic_write_bytes
+from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_write_bytes
 
 log = logging.getLogger("ds4_agent.server")
 
@@ -120,7 +120,7 @@ class SnapshotIndex:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"version": 1, "entries": [e.__dict__ for e in self.entries]}
-        atomic_write_bytes(self.path, json.dumps(data).encode())
+        atomic_write_bytes(self.path, json.dumps(data).encode(), mode=PRIVATE_MODE)
 
     def add(self, entry: IndexEntry) -> list[IndexEntry]:
         """Add (replacing an entry for the same text); returns entries dropped by the bound."""

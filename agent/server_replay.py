@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_write_bytes
 
 DEFAULT_MAX_RECORDS = 20_000
 _MEMORY_RECORDS = 2_048
@@ -36,28 +36,6 @@ class ReplayRecord:
     content: str  # the visible text returned to the client before the calls
     dsml: str  # exact bytes from the end of `content` to the end of the tool-calls block
     call_ids: tuple[str, ...]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """temp file in the same directory + fsync + rename + directory fsync."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 class ReplayMap:
@@ -84,7 +62,7 @@ class ReplayMap:
             for cid in record.call_ids:
                 self._remember(cid, record)
                 if self.directory is not None:
-                    atomic_write_bytes(self._file(cid), payload)
+                    atomic_write_bytes(self._file(cid), payload, mode=PRIVATE_MODE)
                     self._n_files += 1
         # Listing the directory is the expensive part: do it only once the bound is passed.
         if self.directory is not None and self._n_files > self.max_records:

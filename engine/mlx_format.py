@@ -31,9 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +39,8 @@ from typing import Any
 
 import mlx.core as mx
 import xxhash
+from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_path, atomic_write_text
+from ds4_agent.engine.atomic_io import atomic_write_bytes as _atomic_write_bytes
 from ds4_agent.engine.qtensor import QuantizedTensor, Weight
 
 FORMAT_VERSION = 1
@@ -64,33 +64,12 @@ class ConvertError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse O_RDONLY dir fsync
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    _atomic_write_bytes(path, data, mode=PRIVATE_MODE)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n", mode=PRIVATE_MODE)
 
 
 def file_digest(path: Path, chunk: int = 16 << 20) -> str:
@@ -421,14 +400,11 @@ def write_tier(
             done_bytes += t.nbytes
             if progress:
                 progress(t.name, done_bytes, total)
-        tmp = out_dir / f".{fname}.tmp.safetensors"
-        mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx"})
+        # The temp name must end in .safetensors, or mx.save_safetensors appends the suffix.
+        with atomic_path(out_dir / fname, suffix=".tmp.safetensors", mode=PRIVATE_MODE) as tmp:
+            mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx"})
         del arrays
         mx.clear_cache()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_dir / fname)
-        fsync_dir(out_dir)
         path = out_dir / fname
         done[fname] = {"size": path.stat().st_size, "xxh3": file_digest(path), "stats": shard_stats}
         written += path.stat().st_size
