@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +202,33 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
             if isinstance(ev, Done | Failed):
                 return
 
+    def sse(
+        job: Job,
+        out: Any,
+        opening: Callable[[], list[bytes]],
+        keepalive: bytes,
+        anthropic: bool = False,
+    ) -> StreamingResponse:
+        """Stream `opening()` then the job's events rendered by `out` as server-sent events."""
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                for frame in opening():
+                    yield frame
+                async for ev in events(job, keepalive):
+                    if isinstance(ev, bytes):
+                        yield ev
+                    elif isinstance(ev, Failed):
+                        yield _stream_error(ev, anthropic=anthropic)
+                        return
+                    else:
+                        for frame in out.on(ev):
+                            yield frame
+            finally:
+                job.cancel.set()  # no-op when finished; stops the worker when the client left
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
     async def collect(request: Request, job: Job, sink: Any) -> None:
         try:
             await _collect(request, job, sink)
@@ -250,22 +277,7 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
             await collect(request, job, out)
             return JSONResponse(out.body())
 
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                yield out.start()
-                async for ev in events(job, OAI_KEEPALIVE):
-                    if isinstance(ev, bytes):
-                        yield ev
-                    elif isinstance(ev, Failed):
-                        yield _stream_error(ev)
-                        return
-                    else:
-                        for frame in out.on(ev):
-                            yield frame
-            finally:
-                job.cancel.set()  # no-op when finished; stops the worker when the client left
-
-        return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return sse(job, out, lambda: [out.start()], OAI_KEEPALIVE)
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
@@ -286,22 +298,8 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
             await collect(request, job, out)
             return JSONResponse(out.body())
 
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                yield out.start(Usage(first.prompt_tokens, first.cached_tokens, 0))
-                async for ev in events(job, ANTH_KEEPALIVE):
-                    if isinstance(ev, bytes):
-                        yield ev
-                    elif isinstance(ev, Failed):
-                        yield _stream_error(ev, anthropic=True)
-                        return
-                    else:
-                        for frame in out.on(ev):
-                            yield frame
-            finally:
-                job.cancel.set()
-
-        return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        usage = Usage(first.prompt_tokens, first.cached_tokens, 0)
+        return sse(job, out, lambda: [out.start(usage)], ANTH_KEEPALIVE, anthropic=True)
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
@@ -321,23 +319,7 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
             await collect(request, job, out)
             return JSONResponse(out.body())
 
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                for frame in out.start():
-                    yield frame
-                async for ev in events(job, RESP_KEEPALIVE):
-                    if isinstance(ev, bytes):
-                        yield ev
-                    elif isinstance(ev, Failed):
-                        yield _stream_error(ev)
-                        return
-                    else:
-                        for frame in out.on(ev):
-                            yield frame
-            finally:
-                job.cancel.set()
-
-        return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return sse(job, out, out.start, RESP_KEEPALIVE)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> dict[str, Any]:
