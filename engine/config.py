@@ -18,6 +18,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 SUPPORTED_MODEL_TYPES = ("deepseek_v4",)
 
 
+def v4_rope_config() -> dict[str, Any]:
+    """The RoPE keys of every released V4 Flash config (spec §1.1–§1.2): main RoPE for the
+    sliding-window layers and MTP, YaRN-scaled "compress" RoPE for the CSA/HCA layers.
+    A fresh dict each call, so callers may edit their copy."""
+    return {
+        "rope_theta": 10000.0,
+        "compress_rope_theta": 160000.0,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 16,
+            "original_max_position_embeddings": 65536,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+    }
+
+
 class ConfigError(ValueError):
     """The model config cannot be used; the message says which key and how to fix it."""
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ds4_agent.engine.config import v4_rope_config
 from ds4_agent.engine.weights import TensorEntry
 
 GIB = 1 << 30
@@ -55,15 +56,7 @@ FLASH_CONFIG: dict[str, Any] = {
     "num_hash_layers": 3,
     "sliding_window": 128,
     "compress_ratios": [0, 0] + [4 if i % 2 == 0 else 128 for i in range(2, 43)] + [0],
-    "compress_rope_theta": 160000.0,
-    "rope_theta": 10000.0,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 16,
-        "original_max_position_embeddings": 65536,
-        "beta_fast": 32,
-        "beta_slow": 1,
-    },
+    **v4_rope_config(),
     "index_n_heads": 64,
     "index_head_dim": 128,
     "index_topk": 512,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-from ds4_agent.engine.config import ModelConfig
+from ds4_agent.engine.config import ModelConfig, v4_rope_config
 from ds4_agent.engine.qtensor import QuantizedTensor, Weight
 
 _FP8_NAMES = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b", "indexer.wq_b", "shared_experts")
@@ -41,15 +41,7 @@ def synthetic_config(size: str = "mid") -> ModelConfig:
             "num_hash_layers": 1,
             "sliding_window": 128,
             "compress_ratios": [0, 4, 128, 4, 0],
-            "compress_rope_theta": 160000.0,
-            "rope_theta": 10000.0,
-            "rope_scaling": {
-                "type": "yarn",
-                "factor": 16,
-                "original_max_position_embeddings": 65536,
-                "beta_fast": 32,
-                "beta_slow": 1,
-            },
+            **v4_rope_config(),
             "index_n_heads": 8,
             "index_head_dim": 128,
             "index_topk": 64,

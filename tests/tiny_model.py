@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 from ds4_agent.engine import quant
+from ds4_agent.engine.config import v4_rope_config
 
 REAL_VOCAB = 129_280
 
@@ -83,15 +84,7 @@ def base_config(vocab: int = 512) -> dict[str, Any]:
         "sliding_window": 128,
         # Flash layer pattern; the last entry is the MTP block's slot.
         "compress_ratios": [0, 0, 4, 128, 4, 128, 0],
-        "compress_rope_theta": 160000.0,
-        "rope_theta": 10000.0,
-        "rope_scaling": {
-            "type": "yarn",
-            "factor": 16,
-            "original_max_position_embeddings": 65536,
-            "beta_fast": 32,
-            "beta_slow": 1,
-        },
+        **v4_rope_config(),
         # 16 heads: a row scores exactly 0 (ReLU of every head) with probability 2^-16,
         # so exact ties at the top-k boundary practically never happen.
         "index_n_heads": 16,
