@@ -12,7 +12,7 @@ from ds4_agent.tools.settings import load_permission_settings
 from ds4_agent.tools.shellsplit import split_command
 from tools_helpers import Harness
 
-ROOT = Path("/work/repo")
+ROOT = Path("/srv/project")
 
 
 def policy(mode="ask", **rules) -> PermissionPolicy:
