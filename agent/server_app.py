@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ds4_agent.agent.server_anthropic import KEEPALIVE as ANTH_KEEPALIVE
 from ds4_agent.agent.server_anthropic import AnthropicResponse
@@ -35,7 +35,7 @@ from ds4_agent.agent.server_schemas import ChatCompletionRequest, MessagesReques
 from ds4_agent.agent.server_worker import Job, Worker
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ds4_agent.server")
@@ -202,14 +202,24 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
             if isinstance(ev, Done | Failed):
                 return
 
-    def sse(
+    async def respond(
+        request: Request,
         job: Job,
+        first: Event,
         out: Any,
+        stream: bool,
         opening: Callable[[], list[bytes]],
         keepalive: bytes,
         anthropic: bool = False,
-    ) -> StreamingResponse:
-        """Stream `opening()` then the job's events rendered by `out` as server-sent events."""
+    ) -> Response:
+        """The job's answer rendered by `out`: one JSON body, or (when `stream`) `opening()`
+        then the job's events as server-sent events."""
+        if isinstance(first, Done):  # cancelled before it started
+            out.on(first)
+            return JSONResponse(out.body())
+        if not stream:
+            await collect(request, job, out)
+            return JSONResponse(out.body())
 
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -261,74 +271,48 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         raw = await _read_json(request, config.max_body_bytes)
-        try:
-            req = ChatCompletionRequest.model_validate(raw)
-        except ValidationError as e:
-            raise from_validation_error(e) from None
+        req = _validated(ChatCompletionRequest, raw)
         check_model(req.model, "openai")
         gen = from_openai(req, raw, config.default_thinking)
         job, first = await submit(request, gen, "call_")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         out = OpenAIResponse(req.model, config.fingerprint, include_usage)
-        if isinstance(first, Done):  # cancelled before it started
-            out.on(first)
-            return JSONResponse(out.body())
-        if not req.stream:
-            await collect(request, job, out)
-            return JSONResponse(out.body())
-
-        return sse(job, out, lambda: [out.start()], OAI_KEEPALIVE)
+        return await respond(
+            request, job, first, out, req.stream, lambda: [out.start()], OAI_KEEPALIVE
+        )
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
         raw = await _read_json(request, config.max_body_bytes)
-        try:
-            req = MessagesRequest.model_validate(raw)
-        except ValidationError as e:
-            raise from_validation_error(e) from None
+        req = _validated(MessagesRequest, raw)
         check_model(req.model, "anthropic")
         gen = from_anthropic(req, raw)
         job, first = await submit(request, gen, "toolu_")
         out = AnthropicResponse(req.model)
-        if isinstance(first, Done):
-            out.on(first)
-            return JSONResponse(out.body())
-        assert isinstance(first, Accepted)
-        if not req.stream:
-            await collect(request, job, out)
-            return JSONResponse(out.body())
 
-        usage = Usage(first.prompt_tokens, first.cached_tokens, 0)
-        return sse(job, out, lambda: [out.start(usage)], ANTH_KEEPALIVE, anthropic=True)
+        def opening() -> list[bytes]:
+            assert isinstance(first, Accepted)  # streaming starts only after acceptance
+            return [out.start(Usage(first.prompt_tokens, first.cached_tokens, 0))]
+
+        return await respond(
+            request, job, first, out, req.stream, opening, ANTH_KEEPALIVE, anthropic=True
+        )
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
         raw = await _read_json(request, config.max_body_bytes)
-        try:
-            req = ResponsesRequest.model_validate(raw)
-        except ValidationError as e:
-            raise from_validation_error(e) from None
+        req = _validated(ResponsesRequest, raw)
         check_model(req.model, "openai")
         gen = from_responses(req, config.default_thinking)
         job, first = await submit(request, gen, "call_")
         out = ResponsesResponse(req.model)
-        if isinstance(first, Done):
-            out.on(first)
-            return JSONResponse(out.body())
-        if not req.stream:
-            await collect(request, job, out)
-            return JSONResponse(out.body())
-
-        return sse(job, out, out.start, RESP_KEEPALIVE)
+        return await respond(request, job, first, out, req.stream, out.start, RESP_KEEPALIVE)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> dict[str, Any]:
         raw = await _read_json(request, config.max_body_bytes)
         raw.setdefault("max_tokens", 1)
-        try:
-            req = MessagesRequest.model_validate(raw)
-        except ValidationError as e:
-            raise from_validation_error(e) from None
+        req = _validated(MessagesRequest, raw)
         check_model(req.model, "anthropic")
         rendered = await asyncio.to_thread(render_prompt, from_anthropic(req, raw), replay)
         n = await asyncio.to_thread(lambda: len(worker.cache.tokenize(rendered.segments)))
@@ -337,11 +321,21 @@ def create_app(worker: Worker, replay: ReplayMap, config: AppConfig) -> FastAPI:
     return app
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _model_card(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "ds4-agent"}
+
+
+def _validated(model: type[_M], raw: Any) -> _M:
+    """The request body as `model`, or a 400 naming the offending field."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
 
 
 def _stream_error(ev: Failed, anthropic: bool = False) -> bytes:
