@@ -16,7 +16,7 @@ import csv
 import io
 import time
 
-from ds4_agent.agent.cmd_common import fail
+from ds4_agent.agent.cmd_common import add_numerics_option, fail
 from ds4_agent.engine.atomic_io import PRIVATE_MODE, atomic_write_text
 
 FIELDS = [
@@ -51,7 +51,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, nargs="+", default=[512], metavar="N", help="context lengths")
     p.add_argument("--decode", type=int, default=32, metavar="N", help="tokens to decode")
     p.add_argument("--chunk", type=int, default=256, metavar="N", help="prefill chunk size")
-    p.add_argument("--numerics", choices=["exact", "official"], default="official")
+    add_numerics_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", metavar="FILE", help="also write the results as CSV")
     p.set_defaults(func=cmd_bench)

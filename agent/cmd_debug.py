@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ds4_agent.agent.cmd_common import add_numerics_option
+
 
 def _lazy(module: str, func: str):
     def handler(args: argparse.Namespace) -> int:
@@ -51,7 +53,7 @@ def register(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("logits", help="write float32 logits [T, vocab] for a token file")
     s.add_argument("--model", required=True, metavar="DIR")
     s.add_argument("--tokens-file", required=True, metavar="F.json")
-    s.add_argument("--numerics", choices=["exact", "official"], default="official")
+    add_numerics_option(s)
     s.add_argument("--chunk", type=int, default=None, metavar="N", help="prefill chunk size")
     s.add_argument("--save-state", metavar="FILE")
     s.add_argument("--load-state", metavar="FILE")

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from ds4_agent.agent.cmd_common import fail
+from ds4_agent.agent.cmd_common import add_numerics_option, fail
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def register(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--name", default="deepseek-v4-flash", help="model id reported to clients")
     p.add_argument("--alias", action="append", default=[], help="extra model id to accept")
-    p.add_argument("--numerics", choices=["official", "exact"], default="official")
+    add_numerics_option(p)
     p.add_argument("--nothink", action="store_true", help="OpenAI requests default to no thinking")
     p.set_defaults(func=run)
 
