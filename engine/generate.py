@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from ds4_agent.engine.config import ModelConfig
+from ds4_agent.engine.decode_step import FastDecoder
 from ds4_agent.engine.model import NUMERICS, Model
 from ds4_agent.engine.qtensor import Weight
 from ds4_agent.engine.sampling import Sampler
@@ -31,6 +33,9 @@ from ds4_agent.engine.state_export import StateExport
 from ds4_agent.engine.weights import load_weights, materialize
 
 DEFAULT_CHUNK = 256
+DECODE_PATHS = ("fast", "reference")
+# Forces the decode path of every Engine built without an explicit `decode_path`.
+DECODE_PATH_ENV = "DS4_DECODE_PATH"
 
 
 class Cancelled(Exception):
@@ -97,7 +102,14 @@ class Engine:
         weights: dict[str, Weight],
         numerics: str = "official",
         fingerprint: str | None = None,
+        decode_path: str | None = None,
+        fuse_experts: bool = False,
     ):
+        """`decode_path`: "fast" (the compiled single-token step, engine/decode_step.py) or
+        "reference" (`Model.forward`, the general chunk path); default from the environment
+        variable DS4_DECODE_PATH, else "fast". `fuse_experts` stacks each layer's routed w1|w3
+        into one [2E, I, D] array at load so one gather computes both (w1 / w3 become views of
+        it: no extra memory after load, one layer's stack of transient peak while building)."""
         if numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
         self.config = config
@@ -107,13 +119,45 @@ class Engine:
             fingerprint
             or hashlib.sha256((config.model_dump_json() + numerics).encode()).hexdigest()[:32]
         )
+        path = decode_path or os.environ.get(DECODE_PATH_ENV) or "fast"
+        if path not in DECODE_PATHS:
+            raise ValueError(
+                f"decode path must be one of {DECODE_PATHS}, got {path!r} "
+                f"(argument decode_path or environment variable {DECODE_PATH_ENV})"
+            )
+        self.decode_path = path
+        self.fuse_experts = fuse_experts
+        self._fast: FastDecoder | None = None
+        if path == "fast":
+            self._fast = FastDecoder(self.model, fuse_experts=fuse_experts)
+
+    @property
+    def fast_decoder(self) -> FastDecoder:
+        """The compiled decode step (packed at load when the engine decodes on the fast path,
+        on first use otherwise)."""
+        if self._fast is None:
+            self._fast = FastDecoder(self.model, fuse_experts=self.fuse_experts)
+        return self._fast
 
     @classmethod
-    def load(cls, model_dir: str | Path, numerics: str = "official") -> Engine:
+    def load(
+        cls,
+        model_dir: str | Path,
+        numerics: str = "official",
+        decode_path: str | None = None,
+        fuse_experts: bool = False,
+    ) -> Engine:
         model_dir = Path(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
         weights = _load_weights(model_dir)
-        return cls(cfg, weights, numerics, checkpoint_fingerprint(model_dir, numerics))
+        return cls(
+            cfg,
+            weights,
+            numerics,
+            checkpoint_fingerprint(model_dir, numerics),
+            decode_path=decode_path,
+            fuse_experts=fuse_experts,
+        )
 
     # ------------------------------------------------------------------ state
 
@@ -138,7 +182,9 @@ class Engine:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {v})")
 
-    def _advance(self, state: DecodeState, ids: list[int], all_logits: bool = False) -> mx.array:
+    def _advance(
+        self, state: DecodeState, ids: list[int], all_logits: bool = False, fast: bool = False
+    ) -> mx.array:
         """Run one chunk transactionally: on an exception (or Ctrl-C) the state is rolled back
         to exactly what it was (a valid prefix).
 
@@ -149,7 +195,10 @@ class Engine:
         """
         snap = state.checkpoint()
         try:
-            logits = self.model.forward(state, ids, all_logits=all_logits)
+            if fast:
+                logits = self.fast_decoder.step(state, ids[0])
+            else:
+                logits = self.model.forward(state, ids, all_logits=all_logits)
             mx.eval(logits, *state.arrays())
         except BaseException:
             state.rollback(snap)
@@ -201,7 +250,11 @@ class Engine:
     def decode(self, state: DecodeState, token_id: int) -> mx.array:
         """Append one token; returns the logits for the next position, float32 [vocab]."""
         self._check_ids([int(token_id)])
-        return self._advance(state, [int(token_id)])
+        return self._advance(state, [int(token_id)], fast=self.uses_fast_path(state))
+
+    def uses_fast_path(self, state: DecodeState) -> bool:
+        """Whether `decode` on this state runs the compiled single-token step."""
+        return self.decode_path == "fast" and self.fast_decoder.supports(state)
 
     def generate(
         self,

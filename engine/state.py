@@ -46,17 +46,22 @@ class GrowBuf:
     def rows(self) -> mx.array:
         return self.data[: self.n]
 
-    def append(self, rows: mx.array) -> None:
-        k = rows.shape[0]
-        if k == 0:
-            return
-        need = self.n + k
+    def reserve(self, need: int) -> None:
+        """Make room for `need` rows (doubling), keeping rows 0..n. The fast decode step
+        writes into the block at row n itself, so it grows the block here first."""
         if need > self.data.shape[0]:
             cap = self.data.shape[0]
             while cap < need:
                 cap *= 2
             grown = mx.zeros((cap, self.data.shape[1]), dtype=self.data.dtype)
             self.data = mx.slice_update(grown, self.data[: self.n], mx.array([0]), axes=(0,))
+
+    def append(self, rows: mx.array) -> None:
+        k = rows.shape[0]
+        if k == 0:
+            return
+        need = self.n + k
+        self.reserve(need)
         self.data = mx.slice_update(self.data, rows, mx.array([self.n]), axes=(0,))
         self.n = need
 
