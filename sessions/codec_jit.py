@@ -83,6 +83,137 @@ def quantize_rows(
             ok[i, j] = good
 
 
+# Decoding of encoded row stacks straight into their final place (see codec.decode_rows_into).
+#
+# A q code becomes a float without a table: its magnitude bits, shifted so that the code's
+# exponent field lands in float32's, read as a float32 are the code's value times
+# 2^(bias − 127) — also for the code's subnormals, which come out as float32 subnormals with
+# exactly the right significand. Two exact power-of-two products (2^(127 − bias), then the
+# block's 2^(e8 − 127)) give table[code] · scale bit for bit, and this form vectorises where a
+# table lookup does not. Codes above max_code (e4m3's NaN code) are never written (the
+# encoders clamp to max_code) and are not special-cased: checking for them would cost as much
+# as the decode itself, and the checksums keep such bytes out anyway.
+#
+# The two real formats get kernels of their own with loops of constant length and constant
+# masks, which the compiler unrolls and vectorises: about 2x the speed of a table lookup, and
+# a format branch inside the row loop alone would cost half of that. Destinations are sliced
+# before the loops: indices that are provably non-negative spare numba's negative-index
+# wrap-around, which also stops vectorisation.
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _copy_other_modes(row, rowb, r, bf, bcols, fl, fcols, tail, w):
+    """bfloat16 blocks widened by a shift of their bits; float32 blocks and the last partial
+    block copied."""
+    for j in range(bcols.shape[0]):
+        dstb = rowb[bcols[j] * w : bcols[j] * w + w]
+        src = bf[r, j]
+        for k in range(w):
+            dstb[k] = np.uint32(src[k]) << 16
+    for j in range(fcols.shape[0]):
+        dst = row[fcols[j] * w : fcols[j] * w + w]
+        src32 = fl[r, j]
+        for k in range(w):
+            dst[k] = src32[k]
+    dt = tail.shape[1]
+    if dt:
+        d = row.shape[0]
+        dst = row[d - dt : d]
+        src32 = tail[r]
+        for k in range(dt):
+            dst[k] = src32[k]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _rows_per_layer(out, q_e8, bf, fl, tail, nq, nbf, nf):
+    n = q_e8.shape[0] if nq else (bf.shape[0] if nbf else (fl.shape[0] if nf else tail.shape[0]))
+    return n // out.shape[0]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def decode_e4m3(q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, pow2, out, r0):
+    """Encoded row r = l·m + i → out[l, r0 + i] (out: C-contiguous float32 [L, R, d]).
+    e4m3 codes in blocks of 64; empty arrays stand for absent modes."""
+    nq = qcols.shape[0]
+    m = _rows_per_layer(out, q_e8, bf, fl, tail, nq, bcols.shape[0], fcols.shape[0])
+    bits = out.view(np.uint32)
+    scratch = np.empty(64, np.uint32)
+    as_float = scratch.view(np.float32)
+    for l in range(out.shape[0]):
+        for i in range(m):
+            r = l * m + i
+            row = out[l, r0 + i]
+            for j in range(nq):
+                scale = pow2[q_e8[r, j]]
+                dst = row[qcols[j] * 64 : qcols[j] * 64 + 64]
+                cj = q_codes[r, j]
+                for k in range(64):
+                    c = np.uint32(cj[k])
+                    scratch[k] = ((c & 0x7F) << 20) | ((c & 0x80) << 24)
+                for k in range(64):
+                    dst[k] = as_float[k] * np.float32(2.0**120) * scale
+            _copy_other_modes(row, bits[l, r0 + i], r, bf, bcols, fl, fcols, tail, 64)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def decode_e2m1(q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, pow2, out, r0):
+    """As decode_e4m3 for e2m1 codes in blocks of 32, packed two per byte (low nibble first)."""
+    nq = qcols.shape[0]
+    m = _rows_per_layer(out, q_e8, bf, fl, tail, nq, bcols.shape[0], fcols.shape[0])
+    bits = out.view(np.uint32)
+    # One uint64 per byte holds the float32 bits of both nibbles (low nibble = lower word =
+    # the earlier channel, little-endian), so the unpacking needs no interleaved stores.
+    scratch = np.empty(16, np.uint64)
+    as_float = scratch.view(np.float32)
+    for l in range(out.shape[0]):
+        for i in range(m):
+            r = l * m + i
+            row = out[l, r0 + i]
+            for j in range(nq):
+                scale = pow2[q_e8[r, j]]
+                dst = row[qcols[j] * 32 : qcols[j] * 32 + 32]
+                cj = q_codes[r, j]
+                for k in range(16):
+                    c = np.uint64(cj[k])
+                    lo = ((c & 0x7) << 22) | ((c & 0x8) << 28)
+                    hi = ((c & 0x70) << 18) | ((c & 0x80) << 24)
+                    scratch[k] = lo | (hi << 32)
+                for k in range(32):
+                    dst[k] = as_float[k] * np.float32(2.0**126) * scale
+            _copy_other_modes(row, bits[l, r0 + i], r, bf, bcols, fl, fcols, tail, 32)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def decode_any(
+    q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, w, nbits, mbits, bias, pow2, out, r0
+):
+    """As decode_e4m3 for any sign-magnitude mini float of nbits (8, or 4 packed two per
+    byte) with mbits mantissa bits and this bias, in blocks of w (f32: no q blocks)."""
+    nq = qcols.shape[0]
+    m = _rows_per_layer(out, q_e8, bf, fl, tail, nq, bcols.shape[0], fcols.shape[0])
+    bits = out.view(np.uint32)
+    scratch = np.empty(max(w, 1), np.uint32)
+    as_float = scratch.view(np.float32)
+    mag_mask = np.uint32((1 << (nbits - 1)) - 1)
+    sign_bit = np.uint32(1 << (nbits - 1))
+    unbias = np.float32(2.0 ** (127 - bias))
+    for l in range(out.shape[0]):
+        for i in range(m):
+            r = l * m + i
+            row = out[l, r0 + i]
+            for j in range(nq):
+                scale = pow2[q_e8[r, j]]
+                dst = row[qcols[j] * w : qcols[j] * w + w]
+                cj = q_codes[r, j]
+                for k in range(w):
+                    c = np.uint32(cj[k // 2] >> (4 * (k % 2)) if nbits == 4 else cj[k])
+                    c &= np.uint32((1 << nbits) - 1)
+                    scratch[k] = ((c & mag_mask) << (23 - mbits)) | ((c & sign_bit) << (32 - nbits))
+                for k in range(w):
+                    dst[k] = as_float[k] * unbias * scale
+            _copy_other_modes(row, bits[l, r0 + i], r, bf, bcols, fl, fcols, tail, w)
+
+
 @numba.njit(cache=True, nogil=True)
 def dequantize_rows(codes, e8, cols, w, nibbles, table, pow2, out):
     """Row r of the encoding goes to out[r // m, r % m] (out is [L, m, d], any strides):

@@ -30,6 +30,7 @@ import contextlib
 import functools
 import json
 import os
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -379,16 +380,7 @@ class SnapshotStore:
                 raise _bad(path, f"segment {k} does not belong to these tokens")
             expected.append((k, sref, phash))
 
-        def one(job: tuple[int, SegmentRef, str]) -> None:
-            k, sref, phash = job
-            self._load_segment(sref, phash, meta, arrays, k * s, (k + 1) * s)
-
-        if len(expected) > 1 and self.threads > 1:
-            with ThreadPoolExecutor(self.threads) as pool:
-                list(pool.map(one, expected))
-        else:
-            for job in expected:
-                one(job)
+        self._load_segments(expected, meta, arrays, s)
 
         base = (t // s) * s
         _decode_stacks(c, meta.stacks, arrays, {"raw", "comp", "index"}, base, t, path)
@@ -418,7 +410,68 @@ class SnapshotStore:
             mtp=mtp,
         )
 
-    def _load_segment(self, sref, phash, meta: SnapshotMeta, arrays: _Arrays, start, end) -> None:
+    def _load_segments(self, expected, meta: SnapshotMeta, arrays: _Arrays, s: int) -> None:
+        """Read, verify and decode every segment, reading and decoding at the same time.
+
+        One reader thread reads the files in order (sequential I/O, the disk's best case) and
+        checks their checksums; `threads` decoder threads turn them into rows in place (the
+        compiled decoder releases the GIL). A cold restore is then bound by the disk, not by
+        read-then-decode. The first failing segment (in token order) decides the error.
+        """
+        if not expected:
+            return
+        n_dec = max(1, self.threads)
+        if n_dec == 1 or len(expected) == 1:
+            for k, sref, phash in expected:
+                c = self._read_segment(sref, phash, meta, k * s, (k + 1) * s)
+                self._decode_segment(c, sref, meta, arrays, k * s, (k + 1) * s)
+            return
+        todo: queue.Queue = queue.Queue(maxsize=2 * n_dec)
+        errors: dict[int, BaseException] = {}
+        stop = threading.Event()
+
+        def reader() -> None:
+            try:
+                for k, sref, phash in expected:
+                    if stop.is_set():
+                        break
+                    try:
+                        c = self._read_segment(sref, phash, meta, k * s, (k + 1) * s)
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                        errors[k] = e
+                        stop.set()
+                        break
+                    todo.put((k, sref, c))
+            finally:
+                for _ in range(n_dec):
+                    todo.put(None)
+
+        def decoder() -> None:
+            while (item := todo.get()) is not None:
+                k, sref, c = item
+                if stop.is_set():
+                    continue
+                try:
+                    self._decode_segment(c, sref, meta, arrays, k * s, (k + 1) * s)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                    errors[k] = e
+                    stop.set()
+
+        workers = [threading.Thread(target=reader, name="snapshot-read", daemon=True)]
+        workers += [
+            threading.Thread(target=decoder, name=f"snapshot-decode-{i}", daemon=True)
+            for i in range(n_dec)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if errors:
+            raise errors[min(errors)]
+
+    def _read_segment(
+        self, sref, phash, meta: SnapshotMeta, start, end
+    ) -> tuple[Container, SegmentMeta]:
         path = self._seg_path(sref.name)
         try:
             c = read_container(path, MAGIC_SEGMENT)
@@ -441,6 +494,11 @@ class SnapshotStore:
             or not sref.name.endswith(sm.content_hash[:16])
         ):
             raise _bad(path, "its header does not match the snapshot that refers to it")
+        return c, sm
+
+    def _decode_segment(self, got, sref, meta: SnapshotMeta, arrays: _Arrays, start, end) -> None:
+        c, sm = got
+        path = c.path
         _decode_stacks(c, sm.stacks, arrays, {"comp", "index"}, start, end, path)
         if not self.verify_decoded:
             return
@@ -948,15 +1006,17 @@ def _decode_stacks(
         seen.add((st.what, ids))
         big = arrays.stacks[st.what][ids]
         if st.what == "raw":
-            target = big
+            r0, r1 = 0, big.shape[1]
         else:
             ratio = arrays.ratio[ids[0]]
-            target = big[:, start // ratio : end // ratio]
-        if (st.enc.n, st.enc.d) != (target.shape[0] * target.shape[1], target.shape[2]):
+            r0, r1 = start // ratio, end // ratio
+        if (st.enc.n, st.enc.d) != (big.shape[0] * (r1 - r0), big.shape[2]):
             raise _bad(
-                path, f"{st.prefix}: {st.enc.n}×{st.enc.d} rows stored, expected {target.shape}"
+                path,
+                f"{st.prefix}: {st.enc.n}×{st.enc.d} rows stored, "
+                f"expected {big.shape[0] * (r1 - r0)}×{big.shape[2]}",
             )
-        codec.decode_rows(_enc_from(c, st.prefix, st.enc), target)
+        codec.decode_rows_into(_enc_from(c, st.prefix, st.enc), big, r0)
     if seen != want:
         raise _bad(path, "a row stack is missing")
 

@@ -176,3 +176,56 @@ def test_compiled_and_numpy_quantizers_agree(fmt):
     assert np.array_equal(ok[~has_sub], ok_np[~has_sub])
     assert np.array_equal(codes[ok], codes_np[ok]) and np.array_equal(e8[ok], e8_np[ok])
     assert np.array_equal(bf, np.all((blocks.view(np.uint32) & 0xFFFF) == 0, axis=-1))
+
+
+@pytest.mark.parametrize("fmt_name", ["e4m3", "e2m1", "f32"])
+def test_decode_into_place_compiled_and_numpy_agree(fmt_name, monkeypatch):
+    """The restore path (decode_rows_into) gives the same bits with and without numba, for
+    every column mode: q blocks with exceptions, bfloat16, float32, a partial last block."""
+    pytest.importorskip("ds4_agent.sessions.codec_jit")
+    fmt = codec.FORMATS.get(fmt_name, codec.E4M3)
+    w, n_layers, m = fmt.block, 3, 40
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((n_layers * m, 5 * w + 7)).astype(np.float32)
+    x *= np.ldexp(np.float32(1), rng.integers(-40, 40, (len(x), 1))).astype(np.float32)
+    x[:, : 3 * w] = quant.fp8_roundtrip_np(x[:, : 3 * w], block=w)
+    if fmt is codec.E2M1:
+        x[:, : 3 * w] = quant.fp4_roundtrip_np(x[:, : 3 * w], block=w)
+    x[:, w : 2 * w] *= -1
+    x[::9, 5] = rng.standard_normal(len(x[::9]))  # exceptions in a q block
+    x[::13, 2 * w : 3 * w] = 0.0
+    x[1::13, 2 * w : 3 * w] = -0.0
+    x[:, 3 * w : 4 * w] = (x[:, 3 * w : 4 * w].view(np.uint32) & 0xFFFF0000).view(np.float32)
+    enc = codec.encode_rows(x, fmt_name)
+    if fmt_name != "f32":
+        assert enc.modes == "qqqbf" and "x_idx" in enc.parts and "tail" in enc.parts
+    compiled = np.full((n_layers, m + 9, x.shape[1]), np.nan, np.float32)
+    codec.decode_rows_into(enc, compiled, 5)
+    monkeypatch.setattr(codec, "_jit", None)
+    plain = np.full_like(compiled, np.nan)
+    codec.decode_rows_into(enc, plain, 5)
+    assert np.array_equal(bits(compiled), bits(plain))
+    assert np.array_equal(bits(compiled[:, 5 : 5 + m].reshape(x.shape)), bits(x))
+
+
+@pytest.mark.parametrize("fmt", [codec.E4M3, codec.E2M1])
+def test_compiled_decoder_matches_the_table_for_every_code_and_scale(fmt):
+    """The compiled decoder builds floats from code bits instead of a table lookup; it must
+    agree with the table for every finite code at every block exponent (subnormals included)."""
+    pytest.importorskip("ds4_agent.sessions.codec_jit")
+    table = fmt.decode_table()
+    codes = np.flatnonzero(np.isfinite(table)).astype(np.uint8)
+    reps = -(-len(codes) // fmt.block) * fmt.block
+    row = np.resize(codes, reps).reshape(-1, fmt.block)  # [B, w] code blocks
+    e8 = np.arange(256, dtype=np.uint8)
+    blocks = np.broadcast_to(row[None], (256, *row.shape)).reshape(-1, fmt.block)
+    scales = np.repeat(e8, len(row))
+    packed = codec.pack_nibbles(blocks) if fmt.nbits == 4 else blocks
+    enc = codec.EncodedRows(
+        len(blocks), fmt.block, fmt.name, "q", {"q_codes": packed[:, None], "q_e8": scales[:, None]}
+    )
+    out = np.empty((1, len(blocks), fmt.block), np.float32)
+    codec.decode_rows_into(enc, out, 0)
+    with np.errstate(over="ignore"):
+        want = codec.dequantize_blocks(blocks, scales, fmt)
+    assert np.array_equal(bits(out[0]), bits(want))

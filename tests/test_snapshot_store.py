@@ -265,14 +265,13 @@ def test_verify_decoded_catches_a_decoder_that_lies(tmp_path, monkeypatch):
 
     store = SnapshotStore(tmp_path, segment_tokens=128, verify_decoded=True)
     ref = store.save(synth_export(CFG, toks(300)), FP)
-    real = codec.decode_rows
+    real = codec.decode_rows_into
 
-    def off_by_one_ulp(enc, out=None):
-        res = real(enc, out)
-        res.view(np.uint32)[(0,) * res.ndim] ^= 1
-        return res
+    def off_by_one_ulp(enc, big, r0):
+        real(enc, big, r0)
+        big.view(np.uint32)[0, r0, 0] ^= 1
 
-    monkeypatch.setattr(codec, "decode_rows", off_by_one_ulp)
+    monkeypatch.setattr(codec, "decode_rows_into", off_by_one_ulp)
     with pytest.raises(SnapshotError, match="do not hash"):
         store.load(ref, FP)
 
