@@ -30,19 +30,28 @@ from functools import partial
 
 import mlx.core as mx
 from ds4_agent.engine.config import ModelConfig
-from ds4_agent.engine.model import Model, embed_rows, rms, rope_tables, swiglu
+from ds4_agent.engine.model import Model, embed_rows, rope_tables, swiglu
 from ds4_agent.engine.qtensor import QuantizedTensor, Weight
 from ds4_agent.engine.quant import fp4_e2m1_roundtrip, fp8_e4m3_roundtrip, hadamard
 from ds4_agent.engine.state import DecodeState
 
-# A weight's format: ("q", mode, bits, group_size, has_biases, scales dtype) or ("p", dtype).
+# A weight's format: ("q", mode, bits, group_size, has_biases, scales dtype, input dtype or
+# None) or ("p", dtype). Only weights of one format are fused.
 Fmt = tuple
 
 
 def _fmt(w: Weight) -> Fmt:
     if isinstance(w, QuantizedTensor):
-        return ("q", w.mode, w.bits, w.group_size, w.biases is not None, str(w.scales.dtype))
-    return ("p", str(w.dtype))
+        return (
+            "q",
+            w.mode,
+            w.bits,
+            w.group_size,
+            w.biases is not None,
+            w.scales.dtype,
+            w.input_dtype,
+        )
+    return ("p", w.dtype)
 
 
 def _put(dst: dict[str, mx.array], key: str, w: Weight) -> None:
@@ -58,7 +67,9 @@ def _put(dst: dict[str, mx.array], key: str, w: Weight) -> None:
 def _lin(x: mx.array, W: dict[str, mx.array], key: str, fmt: Fmt) -> mx.array:
     """Same operation as `model.linear` on the packed arrays."""
     if fmt[0] == "q":
-        _, mode, bits, gs, has_b, _ = fmt
+        _, mode, bits, gs, has_b, _, in_dtype = fmt
+        if in_dtype is not None:
+            x = x.astype(in_dtype)
         return mx.quantized_matmul(
             x,
             W[key + ".w"],
@@ -72,15 +83,21 @@ def _lin(x: mx.array, W: dict[str, mx.array], key: str, fmt: Fmt) -> mx.array:
     return (x @ W[key].T).astype(mx.float32)
 
 
-def _gather(x: mx.array, W: dict[str, mx.array], key: str, fmt: Fmt, idx: mx.array) -> mx.array:
-    """x [..., 1, in] against stacked matrices idx of W[key] [N, out, in] → [..., 1, out]."""
+def _gather(
+    x: mx.array, W: dict[str, mx.array], key: str, fmt: Fmt, idx: mx.array, lhs: mx.array
+) -> mx.array:
+    """x [..., 1, in] against stacked matrices idx of W[key] [N, out, in] → [..., 1, out].
+    `lhs` indexes x's batch (passed in: a default one is an arange kernel per call)."""
     if fmt[0] == "q":
-        _, mode, bits, gs, has_b, _ = fmt
+        _, mode, bits, gs, has_b, _, in_dtype = fmt
+        if in_dtype is not None:
+            x = x.astype(in_dtype)
         return mx.gather_qmm(
             x,
             W[key + ".w"],
             W[key + ".s"],
             W[key + ".b"] if has_b else None,
+            lhs_indices=lhs,
             rhs_indices=idx,
             transpose=True,
             group_size=gs,
@@ -88,7 +105,8 @@ def _gather(x: mx.array, W: dict[str, mx.array], key: str, fmt: Fmt, idx: mx.arr
             mode=mode,
         ).astype(mx.float32)
     w = W[key]
-    return mx.gather_mm(x.astype(w.dtype), w.swapaxes(-1, -2), rhs_indices=idx).astype(mx.float32)
+    y = mx.gather_mm(x.astype(w.dtype), w.swapaxes(-1, -2), lhs_indices=lhs, rhs_indices=idx)
+    return y.astype(mx.float32)
 
 
 def _concat_weights(ws: list[Weight], axis: int = 0) -> Weight:
@@ -103,6 +121,7 @@ def _concat_weights(ws: list[Weight], axis: int = 0) -> Weight:
             q0.mode,
             q0.bits,
             q0.group_size,
+            q0.input_dtype,
         )
     return mx.concatenate(ws, axis=axis)
 
@@ -117,6 +136,7 @@ def _slice_weight(w: Weight, a: int, b: int, axis: int = 0) -> Weight:
             w.mode,
             w.bits,
             w.group_size,
+            w.input_dtype,
         )
     return w[sl]
 
@@ -140,6 +160,12 @@ class Proj:
         if len(self.parts) == 1:
             return {self.parts[0][0]: y}
         return {name: y[..., a:b] for name, a, b in self.parts}
+
+
+def _rms(x: mx.array, w: mx.array | None, eps: float) -> mx.array:
+    """`model.rms` as one fused kernel (the compiled expression is three: the square, the
+    reduction, the scaling); float32 in, float32 out, equal to it within rounding."""
+    return mx.fast.rms_norm(x, w, eps)
 
 
 def _as_f32(w: mx.array) -> mx.array:
@@ -285,6 +311,7 @@ def pack_layer(
             wo_a.mode,
             wo_a.bits,
             wo_a.group_size,
+            wo_a.input_dtype,
         )
     else:
         wo_g = wo_a.reshape(g_n, r_o, -1)
@@ -373,15 +400,14 @@ class Static:
         )
 
 
-def round_kv(kv: mx.array, c: Static) -> mx.array:
+def round_kv(kv: mx.array, c: Static, nope: mx.array) -> mx.array:
     """`Model._round_kv` without a concatenate: FP8 blocks are independent, so round the whole
     row both ways and pick per channel (FP8 on the non-RoPE channels, BF16 on the RoPE ones)."""
     if not c.official:
         return kv
     fp8 = fp8_e4m3_roundtrip(kv, 64)
     bf = kv.astype(mx.bfloat16).astype(kv.dtype)
-    ch = mx.arange(kv.shape[-1]) < c.nope
-    return mx.where(ch, fp8, bf)
+    return mx.where(nope, fp8, bf)  # nope: channel < nope_dim (a step input, not an arange)
 
 
 def round_index(v: mx.array, c: Static) -> mx.array:
@@ -391,14 +417,15 @@ def round_index(v: mx.array, c: Static) -> mx.array:
 def _hc_pre(x: mx.array, W, site: str, c: Static, sinkhorn):
     """`Model.hc_pre` for one token on packed weights: x [1, hc, D] → a [1, D], post, comb."""
     hc = c.hc
-    flat = rms(x.reshape(1, -1), None, c.eps)
+    flat = _rms(x.reshape(1, -1), None, c.eps)
     mix = flat @ W[site + "_fn"].T
     base, scale = W[site + "_base"], W[site + "_scale"]
-    pre = mx.sigmoid(mix[:, :hc] * scale[0] + base[:hc]) + c.hc_eps
-    post = 2 * mx.sigmoid(mix[:, hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
-    comb = mix[:, 2 * hc :].reshape(1, hc, hc) * scale[2] + base[2 * hc :].reshape(hc, hc)
+    # Slices, not scale[0]: an integer index is a gather kernel.
+    pre = mx.sigmoid(mix[:, :hc] * scale[0:1] + base[:hc]) + c.hc_eps
+    post = 2 * mx.sigmoid(mix[:, hc : 2 * hc] * scale[1:2] + base[hc : 2 * hc])
+    comb = mix[:, 2 * hc :].reshape(1, hc, hc) * scale[2:3] + base[2 * hc :].reshape(hc, hc)
     comb = sinkhorn(comb)
-    a = (pre[:, :, None] * x).sum(axis=1)
+    a = (pre[:, None, :] @ x)[:, 0]  # Σ_k pre_k·X_k as one matmul [1, 1, hc] @ [1, hc, D]
     return a, post, comb
 
 
@@ -432,7 +459,7 @@ def _compress(
         new_kv = mx.zeros(kv_f.shape, dtype=mx.float32)
         new_g = mx.full(sc_f.shape, -mx.inf, dtype=mx.float32)
     pooled = (mx.softmax(slot_g, axis=0, precise=True) * slot_kv).sum(axis=0, keepdims=True)
-    row = rope_apply(rms(pooled, W[pre + "norm.weight"], c.eps), tab)
+    row = rope_apply(_rms(pooled, W[pre + "norm.weight"], c.eps), tab)
     return row, new_kv, new_g
 
 
@@ -446,18 +473,18 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, x, W, S, T)
 
     # ---------------------------------------------------------------- attention
     a, post, comb = _hc_pre(x, W, "hc_attn", c, sinkhorn)
-    a = rms(a, W["attn_norm.weight"], c.eps)
+    a = _rms(a, W["attn_norm.weight"], c.eps)
     pa: dict[str, mx.array] = {}
     for pr in spec.proj_a:
         pa.update(pr(a, W))
-    q_lat = rms(pa["attn.wq_a.weight"], W["attn.q_norm.weight"], c.eps)
+    q_lat = _rms(pa["attn.wq_a.weight"], W["attn.q_norm.weight"], c.eps)
     pq: dict[str, mx.array] = {}
     for pr in spec.proj_q:
         pq.update(pr(q_lat, W))
     tab = (T["main_c"], T["main_s"]) if ratio == 0 else (T["cmp_c"], T["cmp_s"])
-    q = rope_apply(rms(pq["attn.wq_b.weight"].reshape(h, hd), None, c.eps), tab)  # [H, hd]
-    kv = rms(pa["attn.wkv.weight"], W["attn.kv_norm.weight"], c.eps)
-    kv = round_kv(rope_apply(kv, tab), c)  # [1, hd]
+    q = rope_apply(_rms(pq["attn.wq_b.weight"].reshape(h, hd), None, c.eps), tab)  # [H, hd]
+    kv = _rms(pa["attn.wkv.weight"], W["attn.kv_norm.weight"], c.eps)
+    kv = round_kv(rope_apply(kv, tab), c, T["nope"])  # [1, hd]
     ring = mx.slice_update(S["raw"], kv, T["slot_w"], axes=(0,))
     S2["raw"] = ring
 
@@ -483,7 +510,7 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, x, W, S, T)
         comp = S["comp"]
         nb = T["n4b" if ratio == 4 else "n128b"]
         if row is not None:
-            comp = mx.slice_update(comp, round_kv(row, c), nb, axes=(0,))
+            comp = mx.slice_update(comp, round_kv(row, c, T["nope"]), nb, axes=(0,))
             S2["comp"] = comp
         if ratio == 128:
             blocks.append((q @ comp.T) * scale + T["bias128"])  # rows < n visible
@@ -536,13 +563,13 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, x, W, S, T)
         off += n
     out = rope_apply(out, tab, inverse=True)  # [H, hd]
     og = out.reshape(c.groups, 1, -1)
-    u = _gather(og, W, "wo_a", spec.wo_a, T["groups"]).reshape(1, -1)  # [1, G·o_lora]
+    u = _gather(og, W, "wo_a", spec.wo_a, T["groups"], T["groups"]).reshape(1, -1)  # [1, G·o_lora]
     o = _lin(u, W, "wo_b", spec.wo_b)
     x = _hc_post(o, x, post, comb)
 
     # ---------------------------------------------------------------- MoE
     a, post, comb = _hc_pre(x, W, "hc_ffn", c, sinkhorn)
-    a = rms(a, W["ffn_norm.weight"], c.eps)
+    a = _rms(a, W["ffn_norm.weight"], c.eps)
     pf: dict[str, mx.array] = {}
     for pr in spec.proj_f:
         pf.update(pr(a, W))
@@ -553,22 +580,24 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, x, W, S, T)
         idx = W["ffn.gate.tid2eid"][T["tok"]]  # [1, k]
     else:
         biased = scores + W["ffn.gate.bias"]
-        idx = mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k].astype(mx.int32)
+        idx = mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k]
     wts = mx.take_along_axis(scores, idx, axis=-1)
     wts = wts / (wts.sum(axis=-1, keepdims=True) + 1e-20) * c.routed_scale
     xe = a[:, None, None, :]  # [1, 1, 1, D]
     if spec.fused_experts:
         n_e = W["w2.w"].shape[0] if "w2.w" in W else W["w2"].shape[0]
-        h13 = _gather(xe, W, "w13", spec.experts[0], mx.concatenate([idx, idx + n_e], axis=-1))
+        h13 = _gather(
+            xe, W, "w13", spec.experts[0], mx.concatenate([idx, idx + n_e], axis=-1), T["zero"]
+        )
         hmid = swiglu(h13[:, :k], h13[:, k:], c.swiglu_limit)  # [1, k, 1, I]
     else:
         hmid = swiglu(
-            _gather(xe, W, "w1", spec.experts[0], idx),
-            _gather(xe, W, "w3", spec.experts[1], idx),
+            _gather(xe, W, "w1", spec.experts[0], idx, T["zero"]),
+            _gather(xe, W, "w3", spec.experts[1], idx, T["zero"]),
             c.swiglu_limit,
         )
-    y = _gather(hmid, W, "w2", spec.experts[-1], idx)[:, :, 0, :]  # [1, k, D]
-    routed = (y * wts[:, :, None]).sum(axis=1)
+    y = _gather(hmid, W, "w2", spec.experts[-1], idx, T["k_experts"])[:, :, 0, :]  # [1, k, D]
+    routed = (wts[:, None, :] @ y)[:, 0]  # Σ_j w_j·y_j
     sh = swiglu(
         pf["ffn.shared_experts.w1.weight"], pf["ffn.shared_experts.w3.weight"], c.swiglu_limit
     )
@@ -578,11 +607,11 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, x, W, S, T)
 
 def head_body(c: Static, head_fmt: Fmt, x, W):
     """hc_head + final norm + LM head for one token: x [1, hc, D] → logits [vocab]."""
-    flat = rms(x.reshape(1, -1), None, c.eps)
+    flat = _rms(x.reshape(1, -1), None, c.eps)
     mix = flat @ W["hc_head_fn"].T
     pre = mx.sigmoid(mix * W["hc_head_scale"] + W["hc_head_base"]) + c.hc_eps
-    y = (pre[:, :, None] * x).sum(axis=1)
-    y = rms(y, W["norm.weight"], c.eps)
+    y = (pre[:, None, :] @ x)[:, 0]
+    y = _rms(y, W["norm.weight"], c.eps)
     return _lin(y, W, "head", head_fmt)[0]
 
 
@@ -618,7 +647,7 @@ class FastDecoder:
         self.model = model
         cfg = model.cfg
         self.cfg = cfg
-        self.static = Static.of(cfg, model.numerics == "official")
+        self.static = Static.of(cfg, model.numerics != "exact")  # bf16 rounds as official
         self.fuse_experts = fuse_experts
         self.layers = [pack_layer(model, i, fuse_experts, share) for i in range(len(cfg.ratios))]
         w = model.w
@@ -632,7 +661,10 @@ class FastDecoder:
         self._head = mx.compile(partial(head_body, self.static, _fmt(w["head.weight"])))
         self._tables = mx.compile(partial(step_tables, self.static))
         self._fns: dict[tuple, object] = {}
-        self.groups = mx.arange(cfg.o_groups, dtype=mx.int32)
+        self.groups = mx.arange(cfg.o_groups, dtype=mx.uint32)
+        self.zero = mx.zeros((1, 1), dtype=mx.uint32)  # the token row, for each expert
+        self.k_experts = mx.arange(cfg.num_experts_per_tok, dtype=mx.uint32)[None]  # [1, k]
+        self.nope_mask = mx.arange(cfg.head_dim) < cfg.nope_dim
 
     # -------------------------------------------------------------- eligibility
 
@@ -692,6 +724,9 @@ class FastDecoder:
             "tok": ints[6:7],
             "n4a": ints[7],
             "groups": self.groups,
+            "zero": self.zero,
+            "k_experts": self.k_experts,
+            "nope": self.nope_mask,
         }
         nraw = min(p + 1, win)
         bias_raw = [0.0] * nraw + [-math.inf] * (win - nraw)

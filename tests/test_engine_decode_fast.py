@@ -35,7 +35,9 @@ OFFICIAL_TOL = 0.03  # as test_chunked_prefill_official_numerics
 @pytest.fixture(scope="module")
 def dirs(request) -> dict[str, Path]:
     root = tm.cache_root(request)
-    return {name: tm.build_tiny_model(name, cache_root=root) for name in ("window", "flash")}
+    return {
+        name: tm.build_tiny_model(name, cache_root=root) for name in ("window", "flash", "quant")
+    }
 
 
 def _engines(d: Path, numerics: str, **kw) -> tuple[Engine, Engine]:
@@ -130,10 +132,13 @@ def test_fast_decode_official_within_rounding_flips(dirs):
     assert worst <= 0.125  # at most about one FP8 quantum of the block's largest value
 
 
-def test_fast_step_official_from_the_same_state(dirs):
+@pytest.mark.parametrize("numerics", ["official", "bf16"])
+def test_fast_step_official_from_the_same_state(dirs, numerics):
     """One fast step from the reference path's own state: no accumulated flips, so nearly
-    every position agrees to 1e-5."""
-    ref, fast = _engines(dirs["window"], "official")
+    every position agrees to 1e-5 (`bf16` numerics: official rounding plus bfloat16 inputs to
+    the quantized matmuls, on the FP8/FP4 "quant" checkpoint)."""
+    d = dirs["window"] if numerics == "official" else dirs["quant"]
+    ref, fast = _engines(d, numerics)
     toks = tm.random_tokens(160, 512, seed=5)
     st = ref.new_state()
     ref.prefill(st, toks[:1])
@@ -144,9 +149,13 @@ def test_fast_step_official_from_the_same_state(dirs):
         a = np.array(ref.decode(st, t))
         errs.append(tm.rel_err(b, a))
     errs = np.array(errs)
-    print(f"official one step: worst {errs.max():.3g}, share ≤1e-5 {np.mean(errs <= TOL):.3f}")
-    assert errs.max() <= OFFICIAL_TOL
-    assert np.mean(errs <= TOL) >= 0.95
+    print(f"{numerics} one step: worst {errs.max():.3g}, share ≤1e-5 {np.mean(errs <= TOL):.3f}")
+    if numerics == "official":
+        assert errs.max() <= OFFICIAL_TOL
+        assert np.mean(errs <= TOL) >= 0.95
+    else:  # a bf16 output rounding flip moves logits more (measured worst 2.9e-2)
+        assert errs.max() <= 0.1
+        assert np.mean(errs <= TOL) >= 0.9
 
 
 def test_prefill_after_fast_decode(dirs):
