@@ -4,13 +4,17 @@ default MLX device (meant for an NVIDIA GPU through mlx-cuda; `--shape mid` runs
 One run measures, and writes to `--out` (CSV rows `section,name,value,unit,note` + a JSON copy):
 - ceilings: device copy bandwidth (bytes read + written) and the bf16 matmul rate;
 - decode tokens/s at each `--decode-ctx` (the state is synthesised at that length: decode cost
-  depends on row counts, not on how the rows were computed), weight bytes per token, GB/s;
+  depends on row counts, not on how the rows were computed), weight bytes per token, GB/s —
+  for each `--decode-path` (`fast`: the compiled single-token step, section `decode`;
+  `reference`: the general chunk path, section `decode_reference`);
 - prefill tokens/s and achieved TFLOP/s: from empty up to each `--prefill` length in
   `--chunk`-token chunks, plus one chunk on top of a synthesised `--far-ctx` state (the rate
   at that depth, used to estimate a prefill of that many tokens);
 - per layer kind (SWA, CSA, HCA) and per component (mHC, attention, compressor, indexer, MoE)
   decode time, each synchronised on its own (so they include one launch/sync gap each);
-- primitives per decoded token (from the lazy graph, `mx.export_to_dot`);
+- primitives per decoded token (from the lazy graph, `mx.export_to_dot`), per decode path, in
+  total and per layer kind (the fast path also for the step that completes a compressor
+  window);
 - snapshot export + save and load + import at `--far-ctx`, against the prefill estimate;
 - optionally (`--peer-layers N`) the same first N layers through transformers'
   DeepseekV4ForCausalLM in bf16 on the same GPU, against this engine on the same N layers.
@@ -29,6 +33,7 @@ import json
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -178,20 +183,31 @@ def synthetic_state(engine: Engine, n_tokens: int, seed: int = 0):
 # ------------------------------------------------------------------------------ decode
 
 
-def bench_decode(engine: Engine, ctx: int, steps: int, wbytes: int, bw: float) -> float:
+def _section(path: str) -> str:
+    return "decode" if path == "fast" else f"decode_{path}"
+
+
+def bench_decode(
+    engine: Engine, ctx: int, steps: int, wbytes: int, bw: float, path: str = "fast"
+) -> float:
+    engine.decode_path = path
     st = synthetic_state(engine, ctx)
     tok = 5
-    for _ in range(3):
-        engine.decode(st, tok)
+    # 8 warm-up tokens: they cross a ratio-4 window twice, so the fast path's "completes a
+    # window" variants and the grown row blocks (a synthesised state's blocks are full) are
+    # compiled before timing.
+    for i in range(8):
+        engine.decode(st, tok + i)
     t0 = time.perf_counter()
     for i in range(steps):
         lg = engine.decode(st, tok + i)
     mx.eval(lg)
     dt = (time.perf_counter() - t0) / steps
     tps = 1 / dt
-    record("decode", f"tok_s@{ctx}", tps, "tok/s", f"{dt * 1e3:.2f} ms/token, {steps} tokens")
+    sec = _section(path)
+    record(sec, f"tok_s@{ctx}", tps, "tok/s", f"{dt * 1e3:.2f} ms/token, {steps} tokens, {path}")
     record(
-        "decode",
+        sec,
         f"weight_GB_s@{ctx}",
         wbytes * tps / 1e9,
         "GB/s",
@@ -201,54 +217,139 @@ def bench_decode(engine: Engine, ctx: int, steps: int, wbytes: int, bw: float) -
     return tps
 
 
-def bench_decode_async(engine: Engine, ctx: int, steps: int) -> float:
+def bench_decode_async(engine: Engine, ctx: int, steps: int, path: str = "fast") -> float:
     """Teacher-forced decode with the next step's graph built while the GPU runs the current
     one (`mx.async_eval`, the mlx-lm pattern): what asynchronous evaluation would buy."""
     st = synthetic_state(engine, ctx)
     model = engine.model
 
     def step(tok: int) -> mx.array:
-        lg = model.forward(st, [tok])
+        if path == "fast":
+            lg = engine.fast_decoder.step(st, tok)
+        else:
+            lg = model.forward(st, [tok])
         st.tokens.append(tok)
         mx.async_eval(lg, *st.arrays())
         return lg
 
-    for i in range(3):
+    for i in range(8):
         mx.eval(step(5 + i))
     t0 = time.perf_counter()
     for i in range(steps):
-        lg = step(9 + i)
+        lg = step(13 + i)
     mx.eval(lg)
     dt = (time.perf_counter() - t0) / steps
-    record("decode", f"async_tok_s@{ctx}", 1 / dt, "tok/s", f"{dt * 1e3:.2f} ms/token, async_eval")
+    record(
+        _section(path),
+        f"async_tok_s@{ctx}",
+        1 / dt,
+        "tok/s",
+        f"{dt * 1e3:.2f} ms/token, async_eval, {path}",
+    )
     return 1 / dt
 
 
-def count_ops(engine: Engine, ctx: int) -> None:
-    st = synthetic_state(engine, ctx).clone()
-    logits = engine.model.forward(st, [7])
+def _kernels(*arrays: mx.array) -> list[str]:
+    """Primitives of the lazy graph behind `arrays`, views excluded (what launches kernels)."""
     f = io.StringIO()
-    mx.export_to_dot(f, logits, *st.arrays())
+    mx.export_to_dot(f, *arrays)
     labels = [
         ln.split('label ="')[1].split('"')[0]
         for ln in f.getvalue().splitlines()
         if "shape=rectangle" in ln
     ]
-    compute = [x for x in labels if x not in VIEW_OPS]
-    n_layers = len(engine.config.ratios)
-    record("ops", "primitives_per_token", len(labels), "ops", "all graph nodes of one decode")
-    record(
-        "ops",
-        "kernels_per_token",
-        len(compute),
-        "ops",
-        f"excluding views; {len(compute) / n_layers:.0f} per layer",
-    )
-    hist: dict[str, int] = {}
-    for x in compute:
-        hist[x] = hist.get(x, 0) + 1
-    top = sorted(hist.items(), key=lambda kv: -kv[1])[:12]
-    record("ops", "top_primitives", 0, "", "; ".join(f"{k} {v}" for k, v in top))
+    return labels
+
+
+@contextmanager
+def one_launch_sinkhorn(engine: Engine):
+    """Count the mHC Sinkhorn as the one launch it is on CUDA (engine/fused.py) on backends that
+    run the ~80-op array expression instead (the CPU), so CPU counts predict GPU counts."""
+    from ds4_agent.engine.fused import _use_cuda
+
+    if _use_cuda():
+        yield "fused Sinkhorn kernel"
+        return
+    model = engine.model
+    saved = model._sinkhorn
+    model._sinkhorn = lambda c: mx.softmax(c, axis=-1)  # one primitive standing in for it
+    fd = engine.fast_decoder
+    saved_fns, fd._fns = fd._fns, {}
+    try:
+        yield "Sinkhorn counted as one launch, as on CUDA"
+    finally:
+        model._sinkhorn = saved
+        fd._fns = saved_fns
+
+
+def count_ops(engine: Engine, ctx: int, paths: list[str]) -> None:
+    cfg = engine.config
+    n_layers = len(cfg.ratios)
+    with one_launch_sinkhorn(engine) as how:
+        for path in paths:
+            st = synthetic_state(engine, ctx).clone()
+            if path == "fast":
+                logits = engine.fast_decoder.step(st, 7)
+            else:
+                logits = engine.model.forward(st, [7])
+            labels = _kernels(logits, *st.arrays())
+            compute = [x for x in labels if x not in VIEW_OPS]
+            sec = "ops" if path == "reference" else f"ops_{path}"
+            record(sec, "primitives_per_token", len(labels), "ops", f"all graph nodes, {how}")
+            record(
+                sec,
+                "kernels_per_token",
+                len(compute),
+                "ops",
+                f"excluding views; {len(compute) / n_layers:.0f} per layer; {how}",
+            )
+            hist: dict[str, int] = {}
+            for x in compute:
+                hist[x] = hist.get(x, 0) + 1
+            top = sorted(hist.items(), key=lambda kv: -kv[1])[:12]
+            record(sec, "top_primitives", 0, "", "; ".join(f"{k} {v}" for k, v in top))
+            del st
+            _count_layers(engine, ctx, path, sec, how)
+
+
+def _count_layers(engine: Engine, ctx: int, path: str, sec: str, how: str) -> None:
+    """Kernels of one layer of each kind on its own (inputs evaluated first)."""
+    cfg, model = engine.config, engine.model
+    base = synthetic_state(engine, ctx)
+    rng = np.random.default_rng(2)
+    x = mx.array(rng.standard_normal((1, cfg.hc_mult, cfg.hidden_size), dtype=np.float32))
+    seen = set()
+    for i, r in enumerate(cfg.ratios):
+        if KIND[r] in seen:
+            continue
+        seen.add(KIND[r])
+        if path == "fast":
+            fd = engine.fast_decoder
+            for complete in (False, True) if r else (False,):
+                st = base.clone()
+                if complete:  # advance the position to the last token of a window
+                    st.tokens += [5] * ((r - 1 - st.n_tokens % r) % r)
+                T = fd.step_arrays(st, 9)
+                mx.eval(T)
+                ls = st.layers[i]
+                S = {"raw": ls.raw, **ls.front}
+                if ls.comp is not None:
+                    S["comp"] = ls.comp.data
+                if ls.index is not None:
+                    S["index"] = ls.index.data
+                y, S2 = fd.layer_fn(i, complete)(x, fd.layers[i][1], S, T)
+                n = len([v for v in _kernels(y, *S2.values()) if v not in VIEW_OPS])
+                name = f"{KIND[r]}_layer" + ("_completing_window" if complete else "")
+                record(sec, name, n, "ops", f"layer {i}, ctx {ctx}; {how}")
+        else:
+            ctxo = model.make_ctx(ctx, [9], model.numerics)
+            mx.eval(*[a for t in ctxo.rope.values() for a in t])
+            ls = base.clone().layers[i]
+            y = model.layer(x, ctxo, f"layers.{i}.", ls, r, cfg.is_hash_layer(i))
+            arrs = [ls.raw, *ls.front.values()]
+            arrs += [b.data for b in (ls.comp, ls.index) if b is not None]
+            n = len([v for v in _kernels(y, *arrs) if v not in VIEW_OPS])
+            record(sec, f"{KIND[r]}_layer", n, "ops", f"layer {i}, ctx {ctx}; {how}")
 
 
 def profile_components(engine: Engine, ctx: int) -> None:
@@ -276,13 +377,22 @@ def _profile_layer(engine: Engine, base, ctx: int, i: int, r: int) -> None:
         return base.clone(copy_tokens=False).layers[i]
 
     t_layer = sync_time(lambda: model.layer(x, ctxo, p, fresh(), r, hashed))
+    fd = engine.fast_decoder
+    st = base.clone(copy_tokens=False)
+    T = fd.step_arrays(st, 11)
+    mx.eval(T)
+    ls = st.layers[i]
+    S = {"raw": ls.raw, **ls.front}
+    S.update({k: b.data for k, b in (("comp", ls.comp), ("index", ls.index)) if b is not None})
+    t_fast = sync_time(lambda: fd.layer_fn(i, False)(x, fd.layers[i][1], S, T))
     t_hc = sync_time(lambda: model.hc_post(a0, x, *model.hc_pre(x, p + "hc_attn")[1:]))
     t_attn = sync_time(
         lambda: model.attention(a0, ctxo, p + "attn.", fresh(), r, cfg.sliding_window)
     )
     t_moe = sync_time(lambda: model.moe(a0, tok, p + "ffn.", hashed))
     note = f"layer {i}, ctx {ctx}"
-    record("layer", f"{KIND[r]}_layer", t_layer * 1e3, "ms", note)
+    record("layer", f"{KIND[r]}_layer", t_layer * 1e3, "ms", note + ", reference path")
+    record("layer", f"{KIND[r]}_layer_fast", t_fast * 1e3, "ms", note + ", fast path")
     record("component", f"{KIND[r]}_mhc_site", t_hc * 1e3, "ms", note + " (x2 per layer)")
     record("component", f"{KIND[r]}_attention_total", t_attn * 1e3, "ms", note)
     record(
@@ -495,7 +605,14 @@ def build(args, n_layers: int) -> tuple[Engine, int]:
     else:
         cfg = flash_config(n_layers)
     weights = tier_weights(cfg, args.tier, seed=args.seed)
-    engine = Engine(cfg, weights, args.numerics)
+    paths = _paths(args)
+    engine = Engine(
+        cfg,
+        weights,
+        args.numerics,
+        decode_path=paths[0],
+        fuse_experts=args.fuse_experts,
+    )
     del weights
     wbytes = active_weight_bytes(cfg, engine.model.w)
     total = sum(
@@ -528,7 +645,18 @@ def main() -> None:
     ap.add_argument("--shape", choices=["flash", "mid"], default="flash")
     ap.add_argument("--tier", choices=["q2", "q4"], default="q2")
     ap.add_argument("--layers", type=int, default=43)
-    ap.add_argument("--numerics", choices=["official", "exact"], default="official")
+    ap.add_argument("--numerics", choices=["official", "exact", "bf16"], default="official")
+    ap.add_argument(
+        "--decode-path",
+        choices=["fast", "reference", "both"],
+        default="both",
+        help="decode path(s) to time and count (fast: compiled single-token step)",
+    )
+    ap.add_argument(
+        "--fuse-experts",
+        action="store_true",
+        help="stack routed w1|w3 at load so one gather computes both (fast path)",
+    )
     ap.add_argument("--decode-ctx", type=int, nargs="*", default=[1024, 16384, 65536])
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--prefill", type=int, nargs="*", default=[2048, 16384])
@@ -557,19 +685,23 @@ def _run(args, out: Path) -> None:
     ceil = ceilings(small)
     engine, wbytes = build(args, args.layers)
     chunk_times = []
+    paths = _paths(args)
     if "decode" not in args.skip:
-        # Warm-up: the first decode steps JIT-compile kernels for each new shape.
-        st = synthetic_state(engine, 1024)
-        for i in range(12):
-            engine.decode(st, 5 + i)
-        del st
-        for c in args.decode_ctx:
-            bench_decode(engine, c, args.decode_steps, wbytes, ceil["bw"])
-        if "async" not in args.skip:
-            bench_decode_async(engine, args.decode_ctx[0], args.decode_steps)
+        for path in paths:
+            # Warm-up: the first decode steps JIT-compile kernels for each new shape.
+            engine.decode_path = path
+            st = synthetic_state(engine, 1024)
+            for i in range(12):
+                engine.decode(st, 5 + i)
+            del st
+            for c in args.decode_ctx:
+                bench_decode(engine, c, args.decode_steps, wbytes, ceil["bw"], path)
+            if "async" not in args.skip:
+                bench_decode_async(engine, args.decode_ctx[0], args.decode_steps, path)
+        engine.decode_path = paths[0]
     check_sinkhorn(engine.config)
     if "ops" not in args.skip:
-        count_ops(engine, args.profile_ctx)
+        count_ops(engine, args.profile_ctx, paths)
     if "profile" not in args.skip:
         profile_components(engine, args.profile_ctx)
     if "prefill" not in args.skip:
@@ -609,7 +741,7 @@ def _run(args, out: Path) -> None:
                 f"this engine, first {args.peer_layers} layers",
             )
             del st
-        bench_decode(eng_p, args.profile_ctx, args.decode_steps, wb, ceil["bw"])
+        bench_decode(eng_p, args.profile_ctx, args.decode_steps, wb, ceil["bw"], paths[0])
         ROWS[-2]["section"] = ROWS[-1]["section"] = "ours_slice"
         del eng_p
         gc.collect()
@@ -619,6 +751,10 @@ def _run(args, out: Path) -> None:
             peer(args.peer_layers, args.peer_prefill, args.profile_ctx, args.decode_steps)
         except Exception as e:  # the peer is optional: report why it did not run
             record("peer", "error", 0, "", f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def _paths(args) -> list[str]:
+    return ["fast", "reference"] if args.decode_path == "both" else [args.decode_path]
 
 
 def _write_csv(out: Path) -> None:
