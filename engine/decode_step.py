@@ -30,9 +30,10 @@ from functools import partial
 
 import mlx.core as mx
 from ds4_agent.engine.config import ModelConfig
+from ds4_agent.engine.decode_kernels import Rounders
 from ds4_agent.engine.model import Model, embed_rows, rope_tables, swiglu
 from ds4_agent.engine.qtensor import QuantizedTensor, Weight
-from ds4_agent.engine.quant import fp4_e2m1_roundtrip, fp8_e4m3_roundtrip, hadamard
+from ds4_agent.engine.quant import hadamard
 from ds4_agent.engine.state import DecodeState
 
 # A weight's format: ("q", mode, bits, group_size, has_biases, scales dtype, input dtype or
@@ -400,18 +401,13 @@ class Static:
         )
 
 
-def round_kv(kv: mx.array, c: Static, nope: mx.array) -> mx.array:
-    """`Model._round_kv` without a concatenate: FP8 blocks are independent, so round the whole
-    row both ways and pick per channel (FP8 on the non-RoPE channels, BF16 on the RoPE ones)."""
-    if not c.official:
-        return kv
-    fp8 = fp8_e4m3_roundtrip(kv, 64)
-    bf = kv.astype(mx.bfloat16).astype(kv.dtype)
-    return mx.where(nope, fp8, bf)  # nope: channel < nope_dim (a step input, not an arange)
+def round_kv(kv: mx.array, c: Static, nope: mx.array, rnd: Rounders) -> mx.array:
+    """`Model._round_kv`: FP8 non-RoPE / BF16 RoPE channels (official), else unchanged."""
+    return rnd.kv(kv, nope) if c.official else kv
 
 
-def round_index(v: mx.array, c: Static) -> mx.array:
-    return fp4_e2m1_roundtrip(hadamard(v), 32) if c.official else v
+def round_index(v: mx.array, c: Static, rnd: Rounders) -> mx.array:
+    return rnd.fp4(hadamard(v)) if c.official else v
 
 
 def _hc_pre(x: mx.array, W, site: str, c: Static, sinkhorn):
@@ -463,7 +459,7 @@ def _compress(
     return row, new_kv, new_g
 
 
-def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, x, W, S, T):
+def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, rnd: Rounders, x, W, S, T):
     """One decoder layer for one token. x [1, hc, D]; W packed weights; S the layer's state
     arrays (raw ring, row capacity blocks, frontiers); T the step's shared small arrays.
     → (x' [1, hc, D], S')."""
@@ -484,7 +480,7 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, x, W, S, T)
     tab = (T["main_c"], T["main_s"]) if ratio == 0 else (T["cmp_c"], T["cmp_s"])
     q = rope_apply(_rms(pq["attn.wq_b.weight"].reshape(h, hd), None, c.eps), tab)  # [H, hd]
     kv = _rms(pa["attn.wkv.weight"], W["attn.kv_norm.weight"], c.eps)
-    kv = round_kv(rope_apply(kv, tab), c, T["nope"])  # [1, hd]
+    kv = round_kv(rope_apply(kv, tab), c, T["nope"], rnd)  # [1, hd]
     ring = mx.slice_update(S["raw"], kv, T["slot_w"], axes=(0,))
     S2["raw"] = ring
 
@@ -510,7 +506,7 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, x, W, S, T)
         comp = S["comp"]
         nb = T["n4b" if ratio == 4 else "n128b"]
         if row is not None:
-            comp = mx.slice_update(comp, round_kv(row, c, T["nope"]), nb, axes=(0,))
+            comp = mx.slice_update(comp, round_kv(row, c, T["nope"], rnd), nb, axes=(0,))
             S2["comp"] = comp
         if ratio == 128:
             blocks.append((q @ comp.T) * scale + T["bias128"])  # rows < n visible
@@ -532,12 +528,12 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, x, W, S, T)
             )
             keys = S["index"]
             if irow is not None:
-                keys = mx.slice_update(keys, round_index(irow, c), nb, axes=(0,))
+                keys = mx.slice_update(keys, round_index(irow, c, rnd), nb, axes=(0,))
                 S2["index"] = keys
             # Lightning indexer over the whole capacity block, rows ≥ n masked to −inf.
             hi, di = c.idx_heads, c.idx_dim
             qi = pq["attn.indexer.wq_b.weight"].reshape(hi, di)
-            qi = round_index(rope_apply(qi, (T["idx_c"], T["idx_s"])), c)
+            qi = round_index(rope_apply(qi, (T["idx_c"], T["idx_s"])), c, rnd)
             wts = pa["attn.indexer.weights_proj.weight"] * (di**-0.5 * hi**-0.5)  # [1, Hi]
             dots = mx.maximum(qi @ keys.T, 0.0)  # [Hi, cap]
             sc = (dots * wts.reshape(hi, 1)).sum(axis=0)  # [cap]
@@ -643,10 +639,22 @@ class FastDecoder:
     replaces the state's arrays with the updated ones; the caller evaluates them.
     """
 
-    def __init__(self, model: Model, fuse_experts: bool = False, share: bool = True):
+    def __init__(
+        self,
+        model: Model,
+        fuse_experts: bool = False,
+        share: bool = True,
+        use_kernels: bool | None = None,
+    ):
+        """`use_kernels`: the verified one-launch CUDA kernels (rounding chains; the fused
+        Sinkhorn inside compiled graphs) — None: where CUDA is the default device."""
         self.model = model
         cfg = model.cfg
         self.cfg = cfg
+        self.rounders = Rounders.build(
+            cfg.head_dim, cfg.nope_dim, cfg.index_head_dim, use_kernels=use_kernels
+        )
+        self.sinkhorn, self.sinkhorn_how = _checked_sinkhorn(model)
         self.static = Static.of(cfg, model.numerics != "exact")  # bf16 rounds as official
         self.fuse_experts = fuse_experts
         self.layers = [pack_layer(model, i, fuse_experts, share) for i in range(len(cfg.ratios))]
@@ -687,7 +695,8 @@ class FastDecoder:
                     spec,
                     complete and spec.ratio != 0,
                     self.static,
-                    self.model._sinkhorn,
+                    self.sinkhorn,
+                    self.rounders,
                 )
             )
             self._fns[key] = fn
@@ -773,3 +782,25 @@ class FastDecoder:
         logits = self._head(x, self.head_w)
         state.logits = logits
         return logits
+
+
+def _checked_sinkhorn(model: Model):
+    """The model's Sinkhorn (the one-launch kernel on CUDA) if it also runs inside a compiled
+    graph and matches the array expression there; else the compiled array expression."""
+    from ds4_agent.engine.fused import _use_cuda, make_sinkhorn, sinkhorn_reference
+
+    cfg = model.cfg
+    fn = model._sinkhorn
+    if not _use_cuda():
+        return fn, "model Sinkhorn"
+    try:
+        c = mx.random.normal((3, cfg.hc_mult, cfg.hc_mult), key=mx.random.key(7)) * 4
+        got = mx.compile(lambda v: fn(v * 1.0))(c)
+        want = sinkhorn_reference(c, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+        err = float(mx.abs(got - want).max() / mx.abs(want).max())
+        if err <= 1e-5:
+            return fn, f"fused Sinkhorn kernel (compiled check {err:.2g})"
+        why = f"max rel. difference {err:.3g}"
+    except Exception as e:  # the kernel cannot be traced: keep the array expression
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+    return make_sinkhorn(cfg.hc_sinkhorn_iters, cfg.hc_eps, fused=False), f"array ({why})"

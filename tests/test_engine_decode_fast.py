@@ -262,3 +262,25 @@ def test_failed_fast_step_rolls_back(dirs, monkeypatch):
     monkeypatch.undo()
     mx.eval(fast.decode(st, 7))
     assert st.n_tokens == 16
+
+
+def test_rounding_kernels_fall_back_unless_bit_identical(dirs):
+    """The one-launch rounding kernels are used only when they reproduce the array expression
+    bit for bit (checked at load); off CUDA — here — the build falls back and says why."""
+    from ds4_agent.engine.decode_kernels import Rounders, verify
+    from ds4_agent.engine.quant import fp4_e2m1_roundtrip
+
+    def ref(x):
+        return fp4_e2m1_roundtrip(x, 32)
+
+    assert verify(ref, ref, 128) is None
+    assert "differs" in verify(lambda x: ref(x) * (1 + 2**-20), ref, 128)
+    r = Rounders.build(256, 192, 128, use_kernels=True)
+    assert r.how.startswith("array expressions (kernel check failed")
+    # The fallback KV rounding (FP8 / BF16 picked per channel) equals the model's own
+    # concatenating `_round_kv` bit for bit.
+    eng = Engine.load(dirs["window"], "official", decode_path="reference")
+    x = mx.random.normal((3, 256), key=mx.random.key(0)) * 5
+    mask = mx.arange(256) < eng.config.nope_dim
+    assert mx.array_equal(r.kv(x, mask), eng.model._round_kv(x, True)).item()
+    assert mx.array_equal(r.fp4(x[:, :128]), ref(x[:, :128])).item()

@@ -271,15 +271,14 @@ def one_launch_sinkhorn(engine: Engine):
         yield "fused Sinkhorn kernel"
         return
     model = engine.model
-    saved = model._sinkhorn
-    model._sinkhorn = lambda c: mx.softmax(c, axis=-1)  # one primitive standing in for it
     fd = engine.fast_decoder
-    saved_fns, fd._fns = fd._fns, {}
+    saved = model._sinkhorn, fd.sinkhorn, fd._fns
+    model._sinkhorn = fd.sinkhorn = lambda c: mx.softmax(c, axis=-1)  # one primitive
+    fd._fns = {}
     try:
         yield "Sinkhorn counted as one launch, as on CUDA"
     finally:
-        model._sinkhorn = saved
-        fd._fns = saved_fns
+        model._sinkhorn, fd.sinkhorn, fd._fns = saved
 
 
 def count_ops(engine: Engine, ctx: int, paths: list[str]) -> None:
@@ -700,6 +699,10 @@ def _run(args, out: Path) -> None:
                 bench_decode_async(engine, args.decode_ctx[0], args.decode_steps, path)
         engine.decode_path = paths[0]
     check_sinkhorn(engine.config)
+    if "fast" in paths:
+        fd = engine.fast_decoder
+        record("check", "fast_path_sinkhorn", 0, "", fd.sinkhorn_how)
+        record("check", "fast_path_rounding", 0, "", fd.rounders.how)
     if "ops" not in args.skip:
         count_ops(engine, args.profile_ctx, paths)
     if "profile" not in args.skip:
