@@ -38,7 +38,9 @@ from ds4_agent.sessions.snapshot_errors import (
 )
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-FORMAT_VERSION = 1
+# 2: 128-token chunks after (and within partly stored) full segments, frontiers as their
+# non-canonical rows in the compact row form, rows after the last chunk in the snapshot file.
+FORMAT_VERSION = 2
 MAGIC_SNAPSHOT = b"DS4KVSN\n"
 MAGIC_SEGMENT = b"DS4KVSG\n"
 _PREFIX = struct.Struct("<8sIIQ")  # magic, version, header_len, header checksum
@@ -185,8 +187,12 @@ def _parse_header(path: Path, prefix: bytes, hbytes: bytes) -> ContainerHeader:
     return header
 
 
-def read_container(path: Path, magic: bytes) -> Container:
-    """Read and fully validate a container file; raises SnapshotError subclasses only."""
+def read_container(path: Path, magic: bytes, buffer: np.ndarray | None = None) -> Container:
+    """Read and fully validate a container file; raises SnapshotError subclasses only.
+
+    With `buffer` (uint8, 1-D) the body is read into it when it is large enough: a reader of
+    many files reuses a few buffers instead of page-faulting fresh memory for every file. The
+    Container's sections are views into the buffer, valid until it is reused."""
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
@@ -200,7 +206,10 @@ def read_container(path: Path, magic: bytes) -> Container:
                     path,
                     f"size is {size} bytes, expected {body_start + header.body_len} (truncated?)",
                 )
-            body = np.empty(header.body_len, dtype=np.uint8)
+            if buffer is not None and buffer.dtype == np.uint8 and buffer.size >= header.body_len:
+                body = buffer[: header.body_len]
+            else:
+                body = np.empty(header.body_len, dtype=np.uint8)
             f.seek(body_start)
             _read_exact(f, memoryview(body), path)
     except FileNotFoundError:

@@ -16,12 +16,14 @@ class EncMeta(BaseModel):
 
 
 class ArrayMeta(BaseModel):
-    """A plain array (frontier, MTP state): raw bytes or run-length coded ("runs")."""
+    """A plain array (frontier, MTP state): raw bytes, run-length coded ("runs"), or only its
+    rows that are not canonical fill, in the compact row form ("rows", float32 [R, C])."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     shape: list[int]
     dtype: str
-    enc: str  # "raw" | "runs"
+    enc: str  # "raw" | "runs" | "rows"
+    rows: EncMeta | None = None  # enc == "rows": how the stored rows are encoded
 
 
 class SegmentRef(BaseModel):

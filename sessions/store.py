@@ -4,18 +4,23 @@ Layout under `root`:
 
     lock                          flock: saves and gc exclusive, loads shared
     snapshots/<id>.snap           one immutable file per snapshot: header, token ids, logits,
-                                  raw windows, the rows after the last full segment, frontiers
+                                  raw windows, the rows after the last chunk, frontiers
     snapshots/<id>.meta.json      mutable bookkeeping: last use, decayed hits, pins
     segments/<xx>/<name>.seg      immutable, shared: the compressed rows and index keys that
-                                  tokens [k·S, (k+1)·S) produced, for every layer
+                                  one token range produced, for every layer
 
 A snapshot id is the hash of (fingerprint, token ids), so saving the same state twice is one
-snapshot. A segment name is `<hash of fingerprint and the token prefix it closes>-<hash of its
-float32 content>`: a fork, a resume-and-continue or another session with the same system
-prompt finds the segment already there and writes nothing; a segment computed differently
-(another prefill chunking can round differently) gets its own file instead of being mixed up.
-S (`segment_tokens`) is a multiple of 128 so segment ends fall on compressed-row boundaries of
-every layer.
+snapshot. A segment holds a token range [a, b): a full segment of S tokens (`segment_tokens`,
+a multiple of 128) or a 128-token chunk. Its name is `<hash of fingerprint, a, b and the token
+prefix [0, b)>-<hash of its float32 content>`: a fork, a resume-and-continue or another session
+with the same system prompt finds the range already there and writes nothing; a range computed
+differently (another prefill chunking can round differently) gets its own file instead of
+being mixed up. A snapshot at T stores the full S-ranges below T, then 128-token chunks up to
+the last multiple of 128; a full range whose chunks are already partly stored (a fork or a
+continuation of a snapshot that ended inside it) is stored as chunks, so that only the chunks
+of new tokens are written. The last T mod 128 tokens' rows, the raw windows and the
+frontiers (only their rows that are not canonical fill) live in the snapshot file. 128 is the
+largest compression ratio, so every range ends on a compressed-row boundary of every layer.
 
 Every write is atomic (temp + fsync + rename + directory fsync), segments become durable before
 the snapshot file that names them, and the snapshot file's rename is the commit point: a crash
@@ -81,6 +86,8 @@ from ds4_agent.sessions.snapshot_model import (
 )
 
 DEFAULT_SEGMENT_TOKENS = 1024
+# The smallest stored range: rows of every layer end on multiples of 128 tokens (ratios 4, 128).
+CHUNK_TOKENS = 128
 RECENCY_HALF_LIFE_S = 6 * 3600.0
 HITS_HALF_LIFE_S = 24 * 3600.0
 _KV_FMT = {"official": "e4m3"}
@@ -93,8 +100,21 @@ def snapshot_id(fingerprint: str, tokens: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _prefix_hasher(fingerprint: str, numerics: str, seg_tokens: int) -> xxhash.xxh3_128:
-    return xxhash.xxh3_128(f"ds4-agent segment\0{fingerprint}\0{numerics}\0{seg_tokens}\0".encode())
+def _range_keys(fingerprint: str, numerics: str, tokens: np.ndarray, ranges) -> list[str]:
+    """Per (start, end) token range: a key that names the range and the whole prefix up to its
+    end, so equal keys mean equal tokens [0, end) — the rows of the range are then equal too.
+    Independent of how the prefix is cut into ranges (one streaming hash)."""
+    h = xxhash.xxh3_128(f"ds4-agent segment\0{fingerprint}\0{numerics}\0".encode())
+    toks = np.ascontiguousarray(tokens, dtype="<i4")
+    at, digests, keys = 0, {}, []
+    for _, end in sorted(ranges, key=lambda r: r[1]):
+        if end not in digests:
+            h.update(toks[at:end])
+            at = end
+            digests[end] = h.hexdigest()
+    for start, end in ranges:
+        keys.append(xxhash.xxh3_128_hexdigest(f"{digests[end]}\0{start}\0{end}".encode()))
+    return keys
 
 
 def _content_hash(rows: list[tuple[np.ndarray | None, np.ndarray | None]]) -> str:
@@ -244,37 +264,61 @@ class SnapshotStore:
         sid = snapshot_id(fp, tokens)
         kv_fmt = _KV_FMT.get(ex.numerics, "f32")
         fmts = {"raw": kv_fmt, "comp": kv_fmt, "index": _INDEX_FMT.get(ex.numerics, "f32")}
-        nseg = t // s
-        hasher = _prefix_hasher(fp, ex.numerics, s)
-        phashes = []
-        for k in range(nseg):
-            hasher.update(tokens[k * s : (k + 1) * s])
-            phashes.append(hasher.hexdigest())
+        # Ranges stored in segment files: every full S-token range, then the 128-token chunks
+        # up to the last multiple of 128 (the rest stays in the snapshot file). A full range
+        # whose chunks are partly stored already (a fork or a continuation of a snapshot
+        # that ended inside it) is stored as chunks too, so only its new chunks are written.
+        covered = (t // CHUNK_TOKENS) * CHUNK_TOKENS
+        full = [(k * s, (k + 1) * s) for k in range(t // s)]
+        chunks = [(a, a + CHUNK_TOKENS) for a in range((t // s) * s, covered, CHUNK_TOKENS)]
+        sub = [(a, a + CHUNK_TOKENS) for a0, b0 in full for a in range(a0, b0, CHUNK_TOKENS)]
+        keys = dict(
+            zip(
+                full + chunks + sub,
+                _range_keys(fp, ex.numerics, tokens, full + chunks + sub),
+                strict=True,
+            )
+        )
         written: list[Path] = []
         lock = threading.Lock()
 
-        def segment(k: int) -> SegmentRef:
-            rows = [_seg_rows(le, k * s, (k + 1) * s) for le in ex.layers]
-            chash = _content_hash(rows)
-            name = f"{phashes[k][:32]}-{chash[:16]}"
+        def name_of(start: int, end: int) -> str:
+            rows = [_seg_rows(le, start, end) for le in ex.layers]
+            return f"{keys[start, end][:32]}-{_content_hash(rows)[:16]}"
+
+        def store_range(start: int, end: int, name: str) -> SegmentRef:
             path = self._seg_path(name)
             if path.exists():
                 nbytes = path.stat().st_size
             else:  # each worker holds one encoded segment at a time
-                chunks = _encode_segment(ex, fp, s, k, phashes[k], chash, fmts)
-                nbytes = write_atomic(path, chunks, sync_dir=False)
+                data = _encode_segment(ex, fp, s, start, end, keys[start, end], name, fmts)
+                nbytes = write_atomic(path, data, sync_dir=False)
                 with lock:
                     written.append(path)
-            return SegmentRef(name=name, start=k * s, end=(k + 1) * s, nbytes=nbytes)
+            return SegmentRef(name=name, start=start, end=end, nbytes=nbytes)
 
+        def full_range(start: int, end: int) -> list[SegmentRef]:
+            name = name_of(start, end)
+            if end - start > CHUNK_TOKENS and not self._seg_path(name).exists():
+                parts = [(a, a + CHUNK_TOKENS) for a in range(start, end, CHUNK_TOKENS)]
+                names = [name_of(a, b) for a, b in parts]
+                if any(self._seg_path(n).exists() for n in names):
+                    return [store_range(a, b, n) for (a, b), n in zip(parts, names, strict=True)]
+            return [store_range(start, end, name)]
+
+        def chunk(start: int, end: int) -> list[SegmentRef]:
+            return [store_range(start, end, name_of(start, end))]
+
+        jobs = [(full_range, r) for r in full] + [(chunk, r) for r in chunks]
         try:
-            if nseg > 1 and self.threads > 1:
+            if len(jobs) > 1 and self.threads > 1:
                 with ThreadPoolExecutor(self.threads) as pool:
-                    futures = [pool.submit(segment, k) for k in range(nseg)]
-                seg_refs = [f.result() for f in futures]  # all done: the pool has shut down
+                    futures = [pool.submit(fn, *r) for fn, r in jobs]
+                got = [f.result() for f in futures]  # all done: the pool has shut down
             else:
-                seg_refs = [segment(k) for k in range(nseg)]
-            snap_chunks = _encode_snapshot(ex, fp, sid, s, seg_refs, fmts)
+                got = [fn(*r) for fn, r in jobs]
+            seg_refs = [ref for refs in got for ref in refs]
+            snap_chunks = _encode_snapshot(ex, fp, sid, s, covered, seg_refs, fmts)
             snap_bytes = sum(len(memoryview(c).cast("B")) for c in snap_chunks)
             if self.budget_bytes is not None:
                 need = snap_bytes + sum(r.nbytes for r in seg_refs)
@@ -359,31 +403,35 @@ class SnapshotStore:
             raise _bad(path, f"token section has shape {tokens.shape}, expected ({t},)")
         if meta.id != sid or snapshot_id(meta.fingerprint, tokens) != sid:
             raise _bad(path, "its token ids do not match its id")
-        if s <= 0 or s % 128 or len(meta.segments) != t // s:
-            raise _bad(path, f"it lists {len(meta.segments)} segments for {t} tokens")
+        covered = (t // CHUNK_TOKENS) * CHUNK_TOKENS
+        if s <= 0 or s % CHUNK_TOKENS:
+            raise _bad(path, f"segment size {s} is not a multiple of {CHUNK_TOKENS}")
+        at = 0
+        for sref in meta.segments:  # full S-token ranges or 128-token chunks, back to back
+            n = sref.end - sref.start
+            if sref.start != at or n not in (s, CHUNK_TOKENS) or sref.start % n:
+                raise _bad(path, f"its segments do not tile tokens 0–{covered}")
+            at = sref.end
+        if at != covered:
+            raise _bad(path, f"its segments cover {at} tokens, expected {covered}")
 
         for lm in meta.layers:
-            if lm.ratio < 0 or (lm.ratio > 0 and (lm.comp_dim is None or s % lm.ratio)):
+            if lm.ratio < 0 or (lm.ratio > 0 and (lm.comp_dim is None or CHUNK_TOKENS % lm.ratio)):
                 raise _bad(path, f"a layer with ratio {lm.ratio} has no valid row layout")
             if len(lm.raw_shape) != 2:
                 raise _bad(path, "a raw window shape is not 2-D")
         arrays = _Arrays.allocate(meta.layers, t)
 
-        hasher = _prefix_hasher(meta.fingerprint, meta.numerics, s)
+        ranges = [(r.start, r.end) for r in meta.segments]
+        keys = _range_keys(meta.fingerprint, meta.numerics, tokens, ranges)
         expected = []
-        for k, sref in enumerate(meta.segments):
-            hasher.update(tokens[k * s : (k + 1) * s])
-            phash = hasher.hexdigest()
-            if (sref.start, sref.end) != (k * s, (k + 1) * s) or not sref.name.startswith(
-                phash[:32]
-            ):
+        for k, (sref, key) in enumerate(zip(meta.segments, keys, strict=True)):
+            if not sref.name.startswith(key[:32]):
                 raise _bad(path, f"segment {k} does not belong to these tokens")
-            expected.append((k, sref, phash))
+            expected.append((k, sref, key))
 
-        self._load_segments(expected, meta, arrays, s)
-
-        base = (t // s) * s
-        _decode_stacks(c, meta.stacks, arrays, {"raw", "comp", "index"}, base, t, path)
+        self._load_segments(expected, meta, arrays)
+        _decode_stacks(c, meta.stacks, arrays, {"raw", "comp", "index"}, covered, t, path)
         layers: list[LayerExport] = []
         for i, lm in enumerate(meta.layers):
             frontiers = {k: _read_array(c, f"{i}.f.{k}", am) for k, am in lm.frontiers.items()}
@@ -410,7 +458,7 @@ class SnapshotStore:
             mtp=mtp,
         )
 
-    def _load_segments(self, expected, meta: SnapshotMeta, arrays: _Arrays, s: int) -> None:
+    def _load_segments(self, expected, meta: SnapshotMeta, arrays: _Arrays) -> None:
         """Read, verify and decode every segment, reading and decoding at the same time.
 
         One reader thread reads the files in order (sequential I/O, the disk's best case) and
@@ -422,40 +470,53 @@ class SnapshotStore:
             return
         n_dec = max(1, self.threads)
         if n_dec == 1 or len(expected) == 1:
-            for k, sref, phash in expected:
-                c = self._read_segment(sref, phash, meta, k * s, (k + 1) * s)
-                self._decode_segment(c, sref, meta, arrays, k * s, (k + 1) * s)
+            buf = np.empty(0, np.uint8)
+            for _, sref, key in expected:
+                if buf.size < sref.nbytes:
+                    buf = np.empty(sref.nbytes, np.uint8)
+                got = self._read_segment(sref, key, meta, sref.start, sref.end, buf)
+                self._decode_segment(got, sref, meta, arrays, sref.start, sref.end)
             return
-        todo: queue.Queue = queue.Queue(maxsize=2 * n_dec)
+        # Segment bodies are read into a few buffers that circulate between the reader and
+        # the decoders (fresh memory for every file would cost page faults on top of the read).
+        n_buf = n_dec + 2
+        todo: queue.Queue = queue.Queue()
+        free: queue.Queue = queue.Queue()
+        for _ in range(n_buf):
+            free.put(np.empty(0, np.uint8))
         errors: dict[int, BaseException] = {}
         stop = threading.Event()
 
         def reader() -> None:
             try:
-                for k, sref, phash in expected:
+                for k, sref, key in expected:
+                    buf = free.get()
                     if stop.is_set():
                         break
+                    if buf.size < sref.nbytes:
+                        buf = np.empty(sref.nbytes, np.uint8)
                     try:
-                        c = self._read_segment(sref, phash, meta, k * s, (k + 1) * s)
+                        got = self._read_segment(sref, key, meta, sref.start, sref.end, buf)
                     except BaseException as e:  # noqa: BLE001 - handed to the caller below
                         errors[k] = e
                         stop.set()
                         break
-                    todo.put((k, sref, c))
+                    todo.put((k, sref, got, buf))
             finally:
                 for _ in range(n_dec):
                     todo.put(None)
 
         def decoder() -> None:
             while (item := todo.get()) is not None:
-                k, sref, c = item
-                if stop.is_set():
-                    continue
+                k, sref, got, buf = item
                 try:
-                    self._decode_segment(c, sref, meta, arrays, k * s, (k + 1) * s)
+                    if not stop.is_set():
+                        self._decode_segment(got, sref, meta, arrays, sref.start, sref.end)
                 except BaseException as e:  # noqa: BLE001 - handed to the caller below
                     errors[k] = e
                     stop.set()
+                finally:
+                    free.put(buf)
 
         workers = [threading.Thread(target=reader, name="snapshot-read", daemon=True)]
         workers += [
@@ -470,11 +531,11 @@ class SnapshotStore:
             raise errors[min(errors)]
 
     def _read_segment(
-        self, sref, phash, meta: SnapshotMeta, start, end
+        self, sref, phash, meta: SnapshotMeta, start, end, buffer: np.ndarray | None = None
     ) -> tuple[Container, SegmentMeta]:
         path = self._seg_path(sref.name)
         try:
-            c = read_container(path, MAGIC_SEGMENT)
+            c = read_container(path, MAGIC_SEGMENT, buffer)
         except FileNotFoundError:
             raise SnapshotMissingSegmentError(
                 f"snapshot {meta.id[:12]} needs segment {sref.name[:12]} (tokens {start}–{end}), "
@@ -903,9 +964,9 @@ def _segment_sizes(seg_dir: Path) -> dict[str, int]:
 
 
 def _check_layer(i: int, le: LayerExport, t: int, s: int) -> None:
-    if le.ratio < 0 or (le.ratio > 0 and s % le.ratio):
+    if le.ratio < 0 or (le.ratio > 0 and CHUNK_TOKENS % le.ratio):
         raise SnapshotInvalidError(
-            f"layer {i}: compress ratio {le.ratio} does not divide the segment size {s}"
+            f"layer {i}: compress ratio {le.ratio} does not divide the {CHUNK_TOKENS}-token chunk"
         )
     if not isinstance(le.raw, np.ndarray) or le.raw.ndim != 2:
         raise SnapshotInvalidError(f"layer {i}: raw window must be a 2-D array")
@@ -1048,25 +1109,45 @@ def _encode_stacks(
     return out
 
 
-def _encode_segment(ex: StateExport, fp, s, k, phash, chash, fmts: dict) -> list:
+def _encode_segment(ex: StateExport, fp, s, start, end, key, name, fmts: dict) -> list:
     sections: dict[str, np.ndarray] = {}
-    stacks = _encode_stacks(sections, ex, ("comp", "index"), k * s, (k + 1) * s, "", fmts)
+    stacks = _encode_stacks(sections, ex, ("comp", "index"), start, end, "", fmts)
     meta = SegmentMeta(
         fingerprint=fp,
         numerics=ex.numerics,
         segment_tokens=s,
-        start=k * s,
-        end=(k + 1) * s,
-        prefix_hash=phash,
-        content_hash=chash,
+        start=start,
+        end=end,
+        prefix_hash=key,
+        content_hash=name.rsplit("-", 1)[1],
         ratios=[le.ratio for le in ex.layers],
         stacks=stacks,
     )
     return encode_container(MAGIC_SEGMENT, "segment", meta.model_dump(), sections)
 
 
-def _put_array(sections: dict, name: str, a: np.ndarray) -> ArrayMeta:
+# Frontier rows that hold nothing yet are canonical: kv 0, gate −inf (engine-spec §3.1).
+_FILL_BITS = {1: 0x00000000, 2: 0xFF800000}
+
+
+def _put_array(sections: dict, name: str, a: np.ndarray, fmt: str = "f32") -> ArrayMeta:
+    """Store a frontier-like array. 2-D float32: only the rows that are not canonical fill
+    (all +0.0 or all −inf bits; one byte per row says which) are stored, in the compact
+    lossless row form of `fmt` (bfloat16 or FP8 blocks where exact, else float32). Other
+    arrays: run-length coded when that pays, else raw."""
     a = np.ascontiguousarray(a)
+    if a.dtype == np.float32 and a.ndim == 2 and a.shape[0] and a.shape[1]:
+        u = a.view(np.uint32)
+        fill = np.zeros(a.shape[0], np.uint8)
+        for code, value in _FILL_BITS.items():
+            fill[np.all(u == np.uint32(value), axis=1)] = code
+        enc = codec.encode_rows(a[fill == 0], fmt)
+        sections[f"{name}.fill"] = fill
+        for part, arr in enc.parts.items():
+            sections[f"{name}.{part}"] = arr
+        return ArrayMeta(
+            shape=list(a.shape), dtype="float32", enc="rows", rows=EncMeta(**enc.meta())
+        )
     runs = codec.encode_runs(a)
     if runs is not None:
         sections[f"{name}.lit"] = runs["lit"]
@@ -1078,25 +1159,43 @@ def _put_array(sections: dict, name: str, a: np.ndarray) -> ArrayMeta:
 
 def _read_array(c: Container, name: str, am: ArrayMeta) -> np.ndarray:
     size = int(np.prod(am.shape, dtype=np.int64))
+    if am.enc == "rows":
+        fill = c.get(f"{name}.fill")
+        em = am.rows
+        if (
+            em is None
+            or am.dtype != "float32"
+            or len(am.shape) != 2
+            or fill.shape != (am.shape[0],)
+            or int(fill.max(initial=0)) > max(_FILL_BITS)
+            or (em.n, em.d) != (int(np.count_nonzero(fill == 0)), am.shape[1])
+        ):
+            raise _bad(c.path, f"array {name} has an inconsistent row layout")
+        out = np.empty(am.shape, np.float32)
+        for code, value in _FILL_BITS.items():
+            out.view(np.uint32)[fill == code] = value
+        out[fill == 0] = codec.decode_rows(_enc_from(c, name, em))
+        return out
     if am.enc == "runs":
         flat = codec.decode_runs({"lit": c.get(f"{name}.lit"), "runs": c.get(f"{name}.runs")}, size)
         return flat.view(np.dtype(am.dtype)).reshape(am.shape)
+    if am.enc != "raw":
+        raise _bad(c.path, f"array {name} has an unknown encoding {am.enc!r}")
     a = c.get(name)
     if a.dtype.name != am.dtype or list(a.shape) != am.shape:
         raise _bad(c.path, f"array {name} has the wrong shape")
     return np.array(a)
 
 
-def _encode_snapshot(ex: StateExport, fp, sid, s, seg_refs, fmts: dict) -> list:
+def _encode_snapshot(ex: StateExport, fp, sid, s, covered, seg_refs, fmts: dict) -> list:
     t = int(ex.n_tokens)
     sections: dict[str, np.ndarray] = {
         "tokens": np.ascontiguousarray(ex.tokens, dtype=np.int32).reshape(-1)
     }
     if ex.logits is not None:
         sections["logits"] = np.ascontiguousarray(ex.logits)
-    base = (t // s) * s
     stacks = _encode_stacks(sections, ex, ("raw",), 0, t, "", fmts)
-    stacks += _encode_stacks(sections, ex, ("comp", "index"), base, t, "t", fmts)
+    stacks += _encode_stacks(sections, ex, ("comp", "index"), covered, t, "t", fmts)
     layers = []
     for i, le in enumerate(ex.layers):
         layers.append(
@@ -1107,7 +1206,8 @@ def _encode_snapshot(ex: StateExport, fp, sid, s, seg_refs, fmts: dict) -> list:
                 comp_dim=None if le.comp is None else int(le.comp.shape[1]),
                 index_dim=None if le.index is None else int(le.index.shape[1]),
                 frontiers={
-                    k: _put_array(sections, f"{i}.f.{k}", v) for k, v in le.frontiers.items()
+                    k: _put_array(sections, f"{i}.f.{k}", v, fmts["raw"])
+                    for k, v in le.frontiers.items()
                 },
             )
         )

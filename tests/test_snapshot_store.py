@@ -38,7 +38,9 @@ def test_round_trip_is_bit_identical(tmp_path, numerics, t):
     assert ref.n_tokens == t
     back = SnapshotStore(tmp_path, segment_tokens=256, verify_decoded=True).load(ref.id, FP)
     assert exports_equal(ex, back) is None
-    assert len(seg_files(store)) == t // 256
+    # Full 256-token segments, then 128-token chunks; the last t mod 128 tokens' rows live
+    # in the snapshot file.
+    assert len(seg_files(store)) == t // 256 + (t % 256) // 128
 
 
 def test_compact_form_is_used_in_official_numerics(tmp_path):
@@ -58,13 +60,15 @@ def test_compact_form_is_used_in_official_numerics(tmp_path):
 def test_continuing_writes_only_new_segments(tmp_path):
     store = SnapshotStore(tmp_path, segment_tokens=256)
     ids = toks(2000)
-    store.save(synth_export(CFG, ids[:1100]), FP)
+    store.save(synth_export(CFG, ids[:1200]), FP)
     first = seg_files(store)
-    assert len(first) == 4
+    assert len(first) == 5  # 4 segments + the chunk 1024–1152
     mtimes = {p.name: p.stat().st_mtime_ns for p in store.seg_dir.rglob("*.seg")}
     store.save(synth_export(CFG, ids[:2000]), FP)
     second = seg_files(store)
-    assert first < second and len(second) == 7
+    # 1024–1280 reuses its stored chunk and adds one; 1280–1792 as two segments; one chunk
+    # 1792–1920.
+    assert first < second and len(second) == 5 + 1 + 2 + 1
     for p in store.seg_dir.rglob("*.seg"):
         if p.name in mtimes:
             assert p.stat().st_mtime_ns == mtimes[p.name]  # never rewritten
@@ -72,7 +76,7 @@ def test_continuing_writes_only_new_segments(tmp_path):
 
 def test_forks_share_their_prefix(tmp_path, capsys):
     """A 10k-token session forked twice, each continued by 1k tokens: the disk grows by the
-    rows of the new tokens plus each fork's small fixed part, not by two copies."""
+    rows of the new tokens plus each fork's fixed part, not by two copies."""
     store = SnapshotStore(tmp_path, segment_tokens=1024)
     base = toks(10_000)
     store.save(synth_export(CFG, base), FP)
@@ -96,8 +100,12 @@ def test_forks_share_their_prefix(tmp_path, capsys):
             f"(raw windows, frontiers, rows after the last segment); two copies: "
             f"{two_copies / 1e6:.2f} MB"
         )
-    # Each fork adds exactly one segment (tokens 9216..10240 differ); the 9 below are shared.
-    assert len(new_segs) == 2 and segs0 <= seg_files(store)
+    # The base stored 9 segments and the chunks 9216–9984; each fork shares them and adds
+    # the chunks 9984–10880 (2 to finish the tenth segment's range + 5): only rows of its own
+    # tokens (and of the 16 base tokens in the chunk 9984–10112).
+    assert len(new_segs) == 2 * 7 and segs0 <= seg_files(store)
+    per_token = u0.segment_bytes / 9984
+    assert seg_growth <= 2 * 1000 * per_token
     assert growth <= seg_growth + fixed + 4096  # + the two sidecars
     assert growth < 0.5 * two_copies
     for ids in forks:
@@ -293,3 +301,26 @@ def test_concurrent_saves_and_loads_from_two_stores_on_one_directory(tmp_path):
     assert store.usage().n_snapshots == 4
     assert store.usage().n_segments == 5 + 4 * 2  # the shared 1280-token prefix is stored once
     assert store.gc().removed_segments == 0
+
+
+def test_frontiers_store_only_rows_that_hold_something(tmp_path):
+    """Canonical frontier rows (kv +0.0, gate −inf) are rebuilt on load, not stored; any other
+    row is stored exactly, signed zeros and NaN payloads included."""
+    from ds4_agent.sessions.snapshot_format import MAGIC_SNAPSHOT, read_container
+
+    ex = synth_export(CFG, toks(300))  # 300 mod 128 = 44 valid HCA rows of 128
+    hca = next(le for le in ex.layers if le.ratio == 128)
+    kv, gate = hca.frontiers["kv_state"], hca.frontiers["score_state"]
+    kv[60] = -0.0  # not canonical: another bit pattern
+    gate[61, :3] = np.array([np.nan, -np.inf, 0.0], np.float32)
+    gate[62] = (np.arange(gate.shape[1]) % 7).astype(np.float32)  # bfloat16-exact row
+    store = SnapshotStore(tmp_path, segment_tokens=256)
+    ref = store.save(ex, FP)
+    back = store.load(ref, FP)
+    assert exports_equal(back, ex) is None
+    c = read_container(store._snap_path(ref.id), MAGIC_SNAPSHOT)
+    i = ex.layers.index(hca)
+    fill = c.get(f"{i}.f.kv_state.fill")
+    assert int((fill == 0).sum()) == 45 and int((fill == 1).sum()) == 128 - 45
+    stored = sum(s.nbytes for s in c.header.sections if s.name.startswith(f"{i}.f."))
+    assert stored < 0.5 * (kv.nbytes + gate.nbytes)
