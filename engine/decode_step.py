@@ -284,6 +284,22 @@ def pack_layer(
     for n in _VECTORS:
         if p + n in w:
             W[n] = _as_f32(w[p + n])
+    hc = cfg.hc_mult
+    for site in ("hc_attn", "hc_ffn"):
+        sc = W[site + "_scale"]
+        W[site + "_scale_row"] = mx.concatenate(
+            [
+                mx.broadcast_to(sc[0:1], (hc,)),
+                mx.broadcast_to(sc[1:2], (hc,)),
+                mx.broadcast_to(sc[2:3], (hc * hc,)),
+            ]
+        )
+    # Compressor gate bias per frontier slot (CSA: the current window's slots are 4..7).
+    for pre_, m in (("attn.compressor.", cfg.ratios[i]), ("attn.indexer.compressor.", 4)):
+        if pre_ + "ape" in W and m:
+            ape = W[pre_ + "ape"]
+            W[pre_ + "ape_slots"] = mx.concatenate([mx.zeros_like(ape), ape]) if m == 4 else ape
+    mx.eval(list(W.values()))
     if p + "ffn.gate.tid2eid" in w:
         W["ffn.gate.tid2eid"] = w[p + "ffn.gate.tid2eid"].astype(mx.int32)
 
@@ -410,17 +426,20 @@ def round_index(v: mx.array, c: Static, rnd: Rounders) -> mx.array:
     return rnd.fp4(hadamard(v)) if c.official else v
 
 
-def _hc_pre(x: mx.array, W, site: str, c: Static, sinkhorn):
+def _hc_pre(x: mx.array, W, T, site: str, c: Static, sinkhorn):
     """`Model.hc_pre` for one token on packed weights: x [1, hc, D] → a [1, D], post, comb."""
     hc = c.hc
     flat = _rms(x.reshape(1, -1), None, c.eps)
     mix = flat @ W[site + "_fn"].T
-    base, scale = W[site + "_base"], W[site + "_scale"]
-    # Slices, not scale[0]: an integer index is a gather kernel.
-    pre = mx.sigmoid(mix[:, :hc] * scale[0:1] + base[:hc]) + c.hc_eps
-    post = 2 * mx.sigmoid(mix[:, hc : 2 * hc] * scale[1:2] + base[hc : 2 * hc])
-    comb = mix[:, 2 * hc :].reshape(1, hc, hc) * scale[2:3] + base[2 * hc :].reshape(hc, hc)
-    comb = sinkhorn(comb)
+    # One element-wise launch over the whole mix row (the per-part scales expanded at load);
+    # pre / post / comb are then views of its outputs.
+    # `parts` masks pick, per column, pre (sigmoid + eps), post (2·sigmoid) or comb (z): one
+    # output array, so the whole expression fuses into one kernel.
+    z = mix * W[site + "_scale_row"] + W[site + "_base"]
+    sg = mx.sigmoid(z)
+    y = mx.where(T["hc_pre"], sg + c.hc_eps, mx.where(T["hc_post"], 2 * sg, z))
+    pre, post = y[:, :hc], y[:, hc : 2 * hc]
+    comb = sinkhorn(y[:, 2 * hc :].reshape(1, hc, hc))
     a = (pre[:, None, :] @ x)[:, 0]  # Σ_k pre_k·X_k as one matmul [1, 1, hc] @ [1, hc, D]
     return a, post, comb
 
@@ -435,11 +454,11 @@ def _compress(
     """One compressor fed one token (`Model._compress` for S = 1): writes the token's slot of
     the frontier; on a window's last token pools it → (row [1, width] or None, new frontier)."""
     overlap = m == 4
-    ape = W[pre + "ape"]
-    g = gvec + mx.take(ape, T["r4" if overlap else "r128"], axis=0)
-    slot = T["slot4" if overlap else "r128"]
-    kv_f = mx.slice_update(S[fk + "kv_state"], cvec, slot, axes=(0,))
-    sc_f = mx.slice_update(S[fk + "score_state"], g, slot, axes=(0,))
+    # Write the token's frontier slot as a select over the (small) frontier: one fused kernel
+    # each, where a gather of the ape row + add + slice update would be three.
+    at = T["at4" if overlap else "at128"]  # [slots, 1] bool: the token's slot
+    kv_f = mx.where(at, cvec, S[fk + "kv_state"])
+    sc_f = mx.where(at, gvec + W[pre + "ape_slots"], S[fk + "score_state"])
     if not complete:
         return None, kv_f, sc_f
     cw = kv_f.shape[1]
@@ -468,7 +487,7 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, rnd: Rounde
     S2 = dict(S)
 
     # ---------------------------------------------------------------- attention
-    a, post, comb = _hc_pre(x, W, "hc_attn", c, sinkhorn)
+    a, post, comb = _hc_pre(x, W, T, "hc_attn", c, sinkhorn)
     a = _rms(a, W["attn_norm.weight"], c.eps)
     pa: dict[str, mx.array] = {}
     for pr in spec.proj_a:
@@ -564,7 +583,7 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, rnd: Rounde
     x = _hc_post(o, x, post, comb)
 
     # ---------------------------------------------------------------- MoE
-    a, post, comb = _hc_pre(x, W, "hc_ffn", c, sinkhorn)
+    a, post, comb = _hc_pre(x, W, T, "hc_ffn", c, sinkhorn)
     a = _rms(a, W["ffn_norm.weight"], c.eps)
     pf: dict[str, mx.array] = {}
     for pr in spec.proj_f:
@@ -673,6 +692,9 @@ class FastDecoder:
         self.zero = mx.zeros((1, 1), dtype=mx.uint32)  # the token row, for each expert
         self.k_experts = mx.arange(cfg.num_experts_per_tok, dtype=mx.uint32)[None]  # [1, k]
         self.nope_mask = mx.arange(cfg.head_dim) < cfg.nope_dim
+        cols = mx.arange((2 + cfg.hc_mult) * cfg.hc_mult)
+        self.hc_masks = (cols < cfg.hc_mult, cols < 2 * cfg.hc_mult)
+        mx.eval(self.groups, self.zero, self.k_experts, self.nope_mask, *self.hc_masks)
 
     # -------------------------------------------------------------- eligibility
 
@@ -720,20 +742,19 @@ class FastDecoder:
             elif ls.ratio == 128:
                 ls.comp.reserve(n128a)
                 cap128 = ls.comp.data.shape[0]
-        ints = mx.array(
-            [p % win, 4 + p % 4, p % 4, p % 128, p // 4, p // 128, token, n4a], dtype=mx.int32
-        )
+        ints = mx.array([p % win, p // 4, p // 128, token, n4a], dtype=mx.int32)
         T = {
             "slot_w": ints[0:1],
-            "slot4": ints[1:2],
-            "r4": ints[2:3],
-            "r128": ints[3:4],
-            "n4b": ints[4:5],
-            "n128b": ints[5:6],
-            "tok": ints[6:7],
-            "n4a": ints[7],
+            "n4b": ints[1:2],
+            "n128b": ints[2:3],
+            "tok": ints[3:4],
+            "n4a": ints[4],
             "groups": self.groups,
             "zero": self.zero,
+            "hc_pre": self.hc_masks[0],
+            "hc_post": self.hc_masks[1],
+            "at4": mx.array([[s == 4 + p % 4] for s in range(8)]),
+            "at128": mx.array([[s == p % 128] for s in range(128)]),
             "k_experts": self.k_experts,
             "nope": self.nope_mask,
         }

@@ -263,22 +263,32 @@ def _kernels(*arrays: mx.array) -> list[str]:
 
 @contextmanager
 def one_launch_sinkhorn(engine: Engine):
-    """Count the mHC Sinkhorn as the one launch it is on CUDA (engine/fused.py) on backends that
-    run the ~80-op array expression instead (the CPU), so CPU counts predict GPU counts."""
+    """Count what is one launch on CUDA as one launch on backends that run array expressions
+    instead (the CPU), so CPU counts predict GPU counts: the mHC Sinkhorn (engine/fused.py,
+    ~80 ops as arrays), and in the fast path `mx.fast.rms_norm` (3 ops on the CPU) and the
+    verified FP8/FP4 rounding kernels (engine/decode_kernels.py, ~12-15 ops as arrays)."""
+    from ds4_agent.engine import decode_step
+    from ds4_agent.engine.decode_kernels import Rounders
     from ds4_agent.engine.fused import _use_cuda
 
     if _use_cuda():
-        yield "fused Sinkhorn kernel"
+        yield "CUDA kernels as they run"
         return
     model = engine.model
     fd = engine.fast_decoder
-    saved = model._sinkhorn, fd.sinkhorn, fd._fns
-    model._sinkhorn = fd.sinkhorn = lambda c: mx.softmax(c, axis=-1)  # one primitive
+    saved = model._sinkhorn, fd.sinkhorn, fd._fns, fd.rounders, decode_step._rms
+
+    def one(x, *_):  # a single primitive standing in for a one-launch kernel
+        return mx.negative(x)
+
+    model._sinkhorn = fd.sinkhorn = lambda c: mx.softmax(c, axis=-1)
+    fd.rounders = Rounders(one, one, "stand-in")
+    decode_step._rms = lambda x, w, eps: one(x)
     fd._fns = {}
     try:
-        yield "Sinkhorn counted as one launch, as on CUDA"
+        yield "Sinkhorn, rms_norm and rounding kernels counted as one launch, as on CUDA"
     finally:
-        model._sinkhorn, fd.sinkhorn, fd._fns = saved
+        model._sinkhorn, fd.sinkhorn, fd._fns, fd.rounders, decode_step._rms = saved
 
 
 def count_ops(engine: Engine, ctx: int, paths: list[str]) -> None:
