@@ -270,16 +270,48 @@ def _group(
     return stored, tuple(projs)
 
 
+def upcast_affine_scales(w: dict[str, Weight], prefix: str) -> int:
+    """Store the float32 scales/biases of affine weights that multiply float32 activations.
+
+    MLX's `quantized_matmul` / `gather_qmm` compute in the promoted type of (x, scales): with
+    float32 x and bf16 scales every call first casts the scales and biases to float32 — for a
+    routed-expert stack that is the whole [E, out, in/group] array per token and layer (two
+    extra launches and ~0.2 GB of traffic per layer at the Flash shapes). The cast is exact,
+    so doing it once here changes no result. Returns the bytes added.
+    """
+    added = 0
+    for name in [n for n in w if n.startswith(prefix)]:
+        q = w[name]
+        if (
+            isinstance(q, QuantizedTensor)
+            and q.mode == "affine"
+            and q.input_dtype is None
+            and q.scales.dtype != mx.float32
+        ):
+            s32 = q.scales.astype(mx.float32)
+            b32 = q.biases.astype(mx.float32) if q.biases is not None else None
+            mx.eval(s32, *([b32] if b32 is not None else []))
+            added += s32.nbytes - q.scales.nbytes
+            if b32 is not None:
+                added += b32.nbytes - q.biases.nbytes
+            w[name] = QuantizedTensor(q.weight, s32, b32, q.mode, q.bits, q.group_size, None)
+    return added
+
+
 def pack_layer(
-    model: Model, i: int, fuse_experts: bool, share: bool = True
+    model: Model, i: int, fuse_experts: bool, share: bool = True, upcast_scales: bool = False
 ) -> tuple[LayerSpec, dict[str, mx.array]]:
     """The arrays one layer's compiled function takes, and its static spec.
 
     With `share`, the model's own entries for the fused matrices are replaced by views into
-    the fused arrays (same values), so fusing does not keep two copies of a weight.
+    the fused arrays (same values), so fusing does not keep two copies of a weight. With
+    `upcast_scales`, affine scales/biases are stored float32 (`upcast_affine_scales`; the
+    model's entries are replaced too, so the reference path runs on the same arrays).
     """
     cfg, w = model.cfg, model.w
     p = f"layers.{i}."
+    if upcast_scales:
+        upcast_affine_scales(w, p)
     W: dict[str, mx.array] = {}
     for n in _VECTORS:
         if p + n in w:
@@ -664,9 +696,12 @@ class FastDecoder:
         fuse_experts: bool = False,
         share: bool = True,
         use_kernels: bool | None = None,
+        upcast_scales: bool = False,
     ):
         """`use_kernels`: the verified one-launch CUDA kernels (rounding chains; the fused
-        Sinkhorn inside compiled graphs) — None: where CUDA is the default device."""
+        Sinkhorn inside compiled graphs) — None: where CUDA is the default device.
+        `upcast_scales`: see `upcast_affine_scales` (costs memory: +8.7 GB for the q2 Flash
+        experts)."""
         self.model = model
         cfg = model.cfg
         self.cfg = cfg
@@ -676,8 +711,13 @@ class FastDecoder:
         self.sinkhorn, self.sinkhorn_how = _checked_sinkhorn(model)
         self.static = Static.of(cfg, model.numerics != "exact")  # bf16 rounds as official
         self.fuse_experts = fuse_experts
-        self.layers = [pack_layer(model, i, fuse_experts, share) for i in range(len(cfg.ratios))]
+        self.upcast_scales = upcast_scales
+        self.layers = [
+            pack_layer(model, i, fuse_experts, share, upcast_scales) for i in range(len(cfg.ratios))
+        ]
         w = model.w
+        if upcast_scales:
+            upcast_affine_scales(w, "head.")
         self.head_w: dict[str, mx.array] = {
             "hc_head_fn": _as_f32(w["hc_head_fn"]),
             "hc_head_base": _as_f32(w["hc_head_base"]),

@@ -104,12 +104,16 @@ class Engine:
         fingerprint: str | None = None,
         decode_path: str | None = None,
         fuse_experts: bool = False,
+        upcast_scales: bool = False,
     ):
         """`decode_path`: "fast" (the compiled single-token step, engine/decode_step.py) or
         "reference" (`Model.forward`, the general chunk path); default from the environment
         variable DS4_DECODE_PATH, else "fast". `fuse_experts` stacks each layer's routed w1|w3
         into one [2E, I, D] array at load so one gather computes both (w1 / w3 become views of
-        it: no extra memory after load, one layer's stack of transient peak while building)."""
+        it: no extra memory after load, one layer's stack of transient peak while building).
+        `upcast_scales` stores affine scales/biases float32 at load, which saves a cast of each
+        whole expert stack's scales per token and layer (exact; costs memory, see
+        `decode_step.upcast_affine_scales`)."""
         if numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
         self.config = config
@@ -127,17 +131,23 @@ class Engine:
             )
         self.decode_path = path
         self.fuse_experts = fuse_experts
+        self.upcast_scales = upcast_scales
         self._fast: FastDecoder | None = None
         if path == "fast":
-            self._fast = FastDecoder(self.model, fuse_experts=fuse_experts)
+            self._fast = self._build_fast()
 
     @property
     def fast_decoder(self) -> FastDecoder:
         """The compiled decode step (packed at load when the engine decodes on the fast path,
         on first use otherwise)."""
         if self._fast is None:
-            self._fast = FastDecoder(self.model, fuse_experts=self.fuse_experts)
+            self._fast = self._build_fast()
         return self._fast
+
+    def _build_fast(self) -> FastDecoder:
+        return FastDecoder(
+            self.model, fuse_experts=self.fuse_experts, upcast_scales=self.upcast_scales
+        )
 
     @classmethod
     def load(
@@ -146,6 +156,7 @@ class Engine:
         numerics: str = "official",
         decode_path: str | None = None,
         fuse_experts: bool = False,
+        upcast_scales: bool = False,
     ) -> Engine:
         model_dir = Path(model_dir)
         cfg = ModelConfig.from_dir(model_dir)
@@ -157,6 +168,7 @@ class Engine:
             checkpoint_fingerprint(model_dir, numerics),
             decode_path=decode_path,
             fuse_experts=fuse_experts,
+            upcast_scales=upcast_scales,
         )
 
     # ------------------------------------------------------------------ state

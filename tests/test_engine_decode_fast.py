@@ -284,3 +284,37 @@ def test_rounding_kernels_fall_back_unless_bit_identical(dirs):
     mask = mx.arange(256) < eng.config.nope_dim
     assert mx.array_equal(r.kv(x, mask), eng.model._round_kv(x, True)).item()
     assert mx.array_equal(r.fp4(x[:, :128]), ref(x[:, :128])).item()
+
+
+def test_upcast_affine_scales_is_exact():
+    """float32 affine scales/biases stored at load give the same logits as casting them in
+    every matmul (what MLX does for float32 activations), on both paths, and the fast step's
+    graph loses those casts."""
+    import io
+
+    from ds4_agent.engine.config import ModelConfig
+    from ds4_agent.engine.synthetic import synthetic_config, tier_weights
+
+    base = synthetic_config("mid").model_dump()
+    base.update(num_hidden_layers=2, compress_ratios=[0, 4, 0], n_routed_experts=8)
+    cfg = ModelConfig.from_dict(base, source="test")
+    toks = tm.random_tokens(12, cfg.vocab_size, seed=12)
+    out = {}
+    for up in (False, True):
+        eng = Engine(cfg, tier_weights(cfg, "q2", seed=1), "exact", upcast_scales=up)
+        assert eng.model.w["layers.0.ffn.experts.w1.weight"].scales.dtype == (
+            mx.float32 if up else mx.bfloat16
+        )
+        st = eng.new_state()
+        eng.prefill(st, toks[:6])
+        out[up] = [np.array(eng.decode(st, t)) for t in toks[6:]]
+        probe = st.clone()
+        f = io.StringIO()
+        mx.export_to_dot(f, eng.fast_decoder.step(probe, 3))
+        casts = f.getvalue().count('label ="AsType"')
+        out[f"casts{up}"] = casts
+        ref = eng.forward_all(eng.new_state(), toks)
+        out[f"ref{up}"] = ref
+    np.testing.assert_array_equal(np.array(out[True]), np.array(out[False]))
+    np.testing.assert_array_equal(out["refTrue"], out["refFalse"])
+    assert out["castsTrue"] < out["castsFalse"]
