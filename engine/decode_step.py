@@ -110,6 +110,11 @@ def _gather(
     return y.astype(mx.float32)
 
 
+def _group_weight(W: dict[str, mx.array], key: str, g: int) -> dict[str, mx.array]:
+    """The arrays of group g of a [G, out, in] packed weight, under the same key."""
+    return {k: v[g] for k, v in W.items() if k == key or k.startswith(key + ".")}
+
+
 def _concat_weights(ws: list[Weight], axis: int = 0) -> Weight:
     if len(ws) == 1:
         return ws[0]
@@ -188,6 +193,21 @@ def rope_pairs(cos: mx.array, sin: mx.array, width: int) -> tuple[mx.array, mx.a
     return mx.stack([c, c], axis=-1), mx.stack([-s, s], axis=-1)
 
 
+def rope_apply_stacked(
+    x: mx.array, tab: tuple[mx.array, mx.array], inverse: bool = False
+) -> mx.array:
+    """`rope_apply` without the reversed (negative-stride) view: the two members of each pair
+    as positive-stride views, recombined by a stack (one more kernel). The fallback should a
+    backend mishandle the reversed view (checked at load, `_rope_checked`)."""
+    c2, s2 = tab
+    c, s = c2[:, 0], s2[:, 1]
+    if inverse:
+        s = -s
+    x2 = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    x0, x1 = x2[..., 0], x2[..., 1]
+    return mx.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1).reshape(x.shape)
+
+
 def rope_apply(x: mx.array, tab: tuple[mx.array, mx.array], inverse: bool = False) -> mx.array:
     """RoPE (or its inverse) with tables from `rope_pairs`; x [..., width]. Per pair this is
     x0·c − x1·s, x1·c + x0·s — the reference's expression — with no stack or concatenate."""
@@ -195,6 +215,35 @@ def rope_apply(x: mx.array, tab: tuple[mx.array, mx.array], inverse: bool = Fals
     x2 = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
     y = x2 * c2 + x2[..., ::-1] * (-s2 if inverse else s2)
     return y.reshape(x.shape)
+
+
+# The RoPE the traced layers use: `rope_apply`, or `rope_apply_stacked` where the load-time
+# check found the reversed view mishandled (one device per process, so one global choice).
+_ROPE = [rope_apply]
+
+
+def _rope_checked() -> str:
+    """Compare the compiled `rope_apply` with the reference `rope_tail` on this device."""
+    from ds4_agent.engine.model import rope_tail
+
+    if mx.default_device() == mx.cpu:
+        return "reversed-pair view (CPU)"
+    try:
+        x = mx.random.normal((3, 4, 512), key=mx.random.key(5))
+        inv = mx.array([10000.0 ** (-k / 32) for k in range(32)], dtype=mx.float32)
+        cos, sin = rope_tables(inv, mx.array([7.0, 300.0, 5000.0]))
+        want = rope_tail(x, cos, sin)
+        got = mx.stack(
+            [mx.compile(rope_apply)(x[i], rope_pairs(cos[i], sin[i], 512)) for i in range(3)]
+        )
+        err = float(mx.abs(got - want).max() / mx.abs(want).max())
+        if err <= 1e-6:
+            return "reversed-pair view"
+        why = f"max rel. difference {err:.3g}"
+    except Exception as e:  # keep the stacked form
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+    _ROPE[0] = rope_apply_stacked
+    return f"stacked ({why})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +261,7 @@ class LayerSpec:
     proj_q: tuple[Proj, ...]  # projections of q_lat
     proj_f: tuple[Proj, ...]  # projections of the ffn-normed input
     wo_a: Fmt
+    wo_a_grouped: bool  # one gather over the groups (else one matmul per group, see probe)
     wo_b: Fmt
     sh_w2: Fmt
     experts: tuple[Fmt, ...]  # (w13,) fused or (w1, w3); then w2 last
@@ -397,6 +447,7 @@ def pack_layer(
         proj_q=proj_sets[1],
         proj_f=proj_sets[2],
         wo_a=_fmt(wo_a),
+        wo_a_grouped=True,
         wo_b=_fmt(w[p + "attn.wo_b.weight"]),
         sh_w2=_fmt(w[p + "ffn.shared_experts.w2.weight"]),
         experts=exp_fmts,
@@ -506,7 +557,7 @@ def _compress(
         new_kv = mx.zeros(kv_f.shape, dtype=mx.float32)
         new_g = mx.full(sc_f.shape, -mx.inf, dtype=mx.float32)
     pooled = (mx.softmax(slot_g, axis=0, precise=True) * slot_kv).sum(axis=0, keepdims=True)
-    row = rope_apply(_rms(pooled, W[pre + "norm.weight"], c.eps), tab)
+    row = _ROPE[0](_rms(pooled, W[pre + "norm.weight"], c.eps), tab)
     return row, new_kv, new_g
 
 
@@ -529,9 +580,9 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, rnd: Rounde
     for pr in spec.proj_q:
         pq.update(pr(q_lat, W))
     tab = (T["main_c"], T["main_s"]) if ratio == 0 else (T["cmp_c"], T["cmp_s"])
-    q = rope_apply(_rms(pq["attn.wq_b.weight"].reshape(h, hd), None, c.eps), tab)  # [H, hd]
+    q = _ROPE[0](_rms(pq["attn.wq_b.weight"].reshape(h, hd), None, c.eps), tab)  # [H, hd]
     kv = _rms(pa["attn.wkv.weight"], W["attn.kv_norm.weight"], c.eps)
-    kv = round_kv(rope_apply(kv, tab), c, T["nope"], rnd)  # [1, hd]
+    kv = round_kv(_ROPE[0](kv, tab), c, T["nope"], rnd)  # [1, hd]
     ring = mx.slice_update(S["raw"], kv, T["slot_w"], axes=(0,))
     S2["raw"] = ring
 
@@ -584,7 +635,7 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, rnd: Rounde
             # Lightning indexer over the whole capacity block, rows ≥ n masked to −inf.
             hi, di = c.idx_heads, c.idx_dim
             qi = pq["attn.indexer.wq_b.weight"].reshape(hi, di)
-            qi = round_index(rope_apply(qi, (T["idx_c"], T["idx_s"])), c, rnd)
+            qi = round_index(_ROPE[0](qi, (T["idx_c"], T["idx_s"])), c, rnd)
             wts = pa["attn.indexer.weights_proj.weight"] * (di**-0.5 * hi**-0.5)  # [1, Hi]
             dots = mx.maximum(qi @ keys.T, 0.0)  # [Hi, cap]
             sc = (dots * wts.reshape(hi, 1)).sum(axis=0)  # [cap]
@@ -608,9 +659,15 @@ def layer_body(spec: LayerSpec, complete: bool, c: Static, sinkhorn, rnd: Rounde
         o = probs[:, off : off + n] @ v
         out = o if out is None else out + o
         off += n
-    out = rope_apply(out, tab, inverse=True)  # [H, hd]
+    out = _ROPE[0](out, tab, inverse=True)  # [H, hd]
     og = out.reshape(c.groups, 1, -1)
-    u = _gather(og, W, "wo_a", spec.wo_a, T["groups"], T["groups"]).reshape(1, -1)  # [1, G·o_lora]
+    if spec.wo_a_grouped:
+        u = _gather(og, W, "wo_a", spec.wo_a, T["groups"], T["groups"]).reshape(1, -1)
+    else:
+        u = mx.concatenate(
+            [_lin(og[g], _group_weight(W, "wo_a", g), "wo_a", spec.wo_a) for g in range(c.groups)],
+            axis=-1,
+        )  # [1, G·o_lora]
     o = _lin(u, W, "wo_b", spec.wo_b)
     x = _hc_post(o, x, post, comb)
 
@@ -709,6 +766,7 @@ class FastDecoder:
             cfg.head_dim, cfg.nope_dim, cfg.index_head_dim, use_kernels=use_kernels
         )
         self.sinkhorn, self.sinkhorn_how = _checked_sinkhorn(model)
+        self.rope_how = _rope_checked()
         self.static = Static.of(cfg, model.numerics != "exact")  # bf16 rounds as official
         self.fuse_experts = fuse_experts
         self.upcast_scales = upcast_scales
@@ -735,6 +793,26 @@ class FastDecoder:
         cols = mx.arange((2 + cfg.hc_mult) * cfg.hc_mult)
         self.hc_masks = (cols < cfg.hc_mult, cols < 2 * cfg.hc_mult)
         mx.eval(self.groups, self.zero, self.k_experts, self.nope_mask, *self.hc_masks)
+        self.wo_a_how = self._probe_grouped_wo_a()
+
+    def _probe_grouped_wo_a(self) -> str:
+        """Run the grouped `wo_a` gather once per weight format; a backend without that gather
+        kernel (e.g. a quantization mode it lacks) gets one matmul per group instead."""
+        from dataclasses import replace
+
+        verdict: dict[Fmt, bool] = {}
+        for i, (spec, W) in enumerate(self.layers):
+            if spec.wo_a not in verdict:
+                og = mx.zeros((self.cfg.o_groups, 1, _wo_a_in(W, spec.wo_a)), dtype=mx.float32)
+                try:
+                    mx.eval(_gather(og, W, "wo_a", spec.wo_a, self.groups, self.groups))
+                    verdict[spec.wo_a] = True
+                except Exception:  # e.g. "not implemented" for this mode on this backend
+                    verdict[spec.wo_a] = False
+            if not verdict[spec.wo_a]:
+                self.layers[i] = (replace(spec, wo_a_grouped=False), W)
+        bad = [f for f, ok in verdict.items() if not ok]
+        return "one gather" if not bad else f"per-group matmuls for {bad}"
 
     # -------------------------------------------------------------- eligibility
 
@@ -865,3 +943,10 @@ def _checked_sinkhorn(model: Model):
     except Exception as e:  # the kernel cannot be traced: keep the array expression
         why = f"{type(e).__name__}: {str(e)[:200]}"
     return make_sinkhorn(cfg.hc_sinkhorn_iters, cfg.hc_eps, fused=False), f"array ({why})"
+
+
+def _wo_a_in(W: dict[str, mx.array], fmt: Fmt) -> int:
+    """Input width of the packed grouped `wo_a` [G, r_o, in]."""
+    if fmt[0] == "q":
+        return W["wo_a.w"].shape[-1] * 32 // fmt[2]
+    return W["wo_a"].shape[-1]

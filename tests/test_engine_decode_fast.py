@@ -318,3 +318,21 @@ def test_upcast_affine_scales_is_exact():
     np.testing.assert_array_equal(np.array(out[True]), np.array(out[False]))
     np.testing.assert_array_equal(out["refTrue"], out["refFalse"])
     assert out["castsTrue"] < out["castsFalse"]
+
+
+def test_fallback_forms_match(dirs, monkeypatch):
+    """The forms the load-time probes fall back to on a backend that lacks a kernel — RoPE
+    with a stack instead of the reversed-pair view, `wo_a` as one matmul per group — give the
+    same logits."""
+    from dataclasses import replace
+
+    from ds4_agent.engine import decode_step
+
+    ref, fast = _engines(dirs["window"], "exact")
+    fd = fast.fast_decoder
+    assert fd.rope_how.startswith("reversed-pair") and fd.wo_a_how == "one gather"
+    monkeypatch.setattr(decode_step, "_ROPE", [decode_step.rope_apply_stacked])
+    fd.layers = [(replace(spec, wo_a_grouped=False), W) for spec, W in fd.layers]
+    fd._fns = {}
+    errs, *_ = _decode_both(ref, fast, tm.random_tokens(30, 512, seed=13))
+    assert errs.max() <= TOL
