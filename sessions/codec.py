@@ -295,6 +295,19 @@ _EMPTY = {
 _NO_COLS = np.empty(0, np.int64)
 
 
+def _e2m1_pairs() -> np.ndarray:
+    """Per byte of two packed e2m1 codes: the float32 bits of both codes in the compiled
+    decoder's form (magnitude bits shifted into float32's exponent field, sign on top), low
+    nibble in the low 32 bits (it is the earlier channel)."""
+    b = np.arange(256, dtype=np.uint64)
+    lo = ((b & 0x7) << 22) | ((b & 0x8) << 28)
+    hi = (((b >> 4) & 0x7) << 22) | (((b >> 4) & 0x8) << 28)
+    return lo | (hi << np.uint64(32))
+
+
+_E2M1_PAIRS = _e2m1_pairs()
+
+
 def decode_rows_into(enc: EncodedRows, big: np.ndarray, r0: int) -> None:
     """Decode into rows [r0, r0 + m) of every layer of `big` (C-contiguous float32 [L, R, D],
     m = N / L): encoded row r lands in big[r // m, r0 + r % m].
@@ -331,7 +344,7 @@ def decode_rows_into(enc: EncodedRows, big: np.ndarray, r0: int) -> None:
     if enc.fmt == "e4m3" and (fmt.block, fmt.nbits, fmt.mbits, fmt.bias) == (64, 8, 3, 7):
         _jit.decode_e4m3(*args, _POW2, big, r0)
     elif enc.fmt == "e2m1" and (fmt.block, fmt.nbits, fmt.mbits, fmt.bias) == (32, 4, 1, 1):
-        _jit.decode_e2m1(*args, _POW2, big, r0)
+        _jit.decode_e2m1(*args, _E2M1_PAIRS, _POW2, big, r0)
     else:
         _jit.decode_any(*args, w, fmt.nbits, fmt.mbits, fmt.bias, _POW2, big, r0)
     if "x_idx" in parts:  # raw exception blocks overwrite their places

@@ -156,13 +156,13 @@ def decode_e4m3(q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, pow2, out, r0)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def decode_e2m1(q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, pow2, out, r0):
-    """As decode_e4m3 for e2m1 codes in blocks of 32, packed two per byte (low nibble first)."""
+def decode_e2m1(q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, pairs, pow2, out, r0):
+    """As decode_e4m3 for e2m1 codes in blocks of 32, packed two per byte (low nibble first).
+    `pairs[byte]` holds the float32 bits (as above) of both nibbles, low nibble in the low
+    word: one 256-entry lookup per byte unpacks two codes with no interleaved stores."""
     nq = qcols.shape[0]
     m = _rows_per_layer(out, q_e8, bf, fl, tail, nq, bcols.shape[0], fcols.shape[0])
     bits = out.view(np.uint32)
-    # One uint64 per byte holds the float32 bits of both nibbles (low nibble = lower word =
-    # the earlier channel, little-endian), so the unpacking needs no interleaved stores.
     scratch = np.empty(16, np.uint64)
     as_float = scratch.view(np.float32)
     for l in range(out.shape[0]):
@@ -174,10 +174,7 @@ def decode_e2m1(q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, pow2, out, r0)
                 dst = row[qcols[j] * 32 : qcols[j] * 32 + 32]
                 cj = q_codes[r, j]
                 for k in range(16):
-                    c = np.uint64(cj[k])
-                    lo = ((c & 0x7) << 22) | ((c & 0x8) << 28)
-                    hi = ((c & 0x70) << 18) | ((c & 0x80) << 24)
-                    scratch[k] = lo | (hi << 32)
+                    scratch[k] = pairs[cj[k]]
                 for k in range(32):
                     dst[k] = as_float[k] * np.float32(2.0**126) * scale
             _copy_other_modes(row, bits[l, r0 + i], r, bf, bcols, fl, fcols, tail, 32)

@@ -18,6 +18,7 @@ matches its dtype and byte count. Only then is a single byte of state used.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -221,7 +222,7 @@ def read_container(path: Path, magic: bytes, buffer: np.ndarray | None = None) -
     for s in header.sections:
         if s.dtype not in _DTYPES or s.offset < 0 or s.offset + s.nbytes > header.body_len:
             raise _corrupt(path, f"section {s.name!r} lies outside the file")
-        if int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize != s.nbytes:
+        if math.prod(s.shape) * np.dtype(s.dtype).itemsize != s.nbytes:
             raise _corrupt(path, f"section {s.name!r} shape does not match its size")
     return Container(header, body, path)
 

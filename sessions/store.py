@@ -430,11 +430,18 @@ class SnapshotStore:
                 raise _bad(path, f"segment {k} does not belong to these tokens")
             expected.append((k, sref, key))
 
-        self._load_segments(expected, meta, arrays)
-        _decode_stacks(c, meta.stacks, arrays, {"raw", "comp", "index"}, covered, t, path)
+        def own_part() -> list[dict[str, np.ndarray]]:
+            """The snapshot file's rows and frontiers (decoded while segments load)."""
+            _decode_stacks(c, meta.stacks, arrays, {"raw", "comp", "index"}, covered, t, path)
+            return [
+                {k: _read_array(c, f"{i}.f.{k}", am) for k, am in lm.frontiers.items()}
+                for i, lm in enumerate(meta.layers)
+            ]
+
+        all_frontiers = self._load_segments(expected, meta, arrays, own_part)
         layers: list[LayerExport] = []
         for i, lm in enumerate(meta.layers):
-            frontiers = {k: _read_array(c, f"{i}.f.{k}", am) for k, am in lm.frontiers.items()}
+            frontiers = all_frontiers[i]
             layers.append(
                 LayerExport(
                     kind=lm.kind,
@@ -458,25 +465,24 @@ class SnapshotStore:
             mtp=mtp,
         )
 
-    def _load_segments(self, expected, meta: SnapshotMeta, arrays: _Arrays) -> None:
+    def _load_segments(self, expected, meta: SnapshotMeta, arrays: _Arrays, meanwhile):
         """Read, verify and decode every segment, reading and decoding at the same time.
 
         One reader thread reads the files in order (sequential I/O, the disk's best case) and
         checks their checksums; `threads` decoder threads turn them into rows in place (the
         compiled decoder releases the GIL). A cold restore is then bound by the disk, not by
         read-then-decode. The first failing segment (in token order) decides the error.
+        `meanwhile()` runs in the calling thread while the workers go; its result is returned.
         """
-        if not expected:
-            return
         n_dec = max(1, self.threads)
-        if n_dec == 1 or len(expected) == 1:
+        if n_dec == 1 or len(expected) <= 1:
             buf = np.empty(0, np.uint8)
             for _, sref, key in expected:
                 if buf.size < sref.nbytes:
                     buf = np.empty(sref.nbytes, np.uint8)
                 got = self._read_segment(sref, key, meta, sref.start, sref.end, buf)
                 self._decode_segment(got, sref, meta, arrays, sref.start, sref.end)
-            return
+            return meanwhile()
         # Segment bodies are read into a few buffers that circulate between the reader and
         # the decoders (fresh memory for every file would cost page faults on top of the read).
         n_buf = n_dec + 2
@@ -525,10 +531,17 @@ class SnapshotStore:
         ]
         for w in workers:
             w.start()
-        for w in workers:
-            w.join()
-        if errors:
-            raise errors[min(errors)]
+        try:
+            result = meanwhile()
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            for w in workers:
+                w.join()
+            if errors:
+                raise errors[min(errors)]  # noqa: B012 - a segment's error comes first
+        return result
 
     def _read_segment(
         self, sref, phash, meta: SnapshotMeta, start, end, buffer: np.ndarray | None = None
@@ -1174,7 +1187,11 @@ def _read_array(c: Container, name: str, am: ArrayMeta) -> np.ndarray:
         out = np.empty(am.shape, np.float32)
         for code, value in _FILL_BITS.items():
             out.view(np.uint32)[fill == code] = value
-        out[fill == 0] = codec.decode_rows(_enc_from(c, name, em))
+        enc = _enc_from(c, name, em)
+        if not fill[: em.n].any():  # the usual layout: the stored rows come first
+            codec.decode_rows_into(enc, out[None], 0)
+        else:
+            out[fill == 0] = codec.decode_rows(enc)
         return out
     if am.enc == "runs":
         flat = codec.decode_runs({"lit": c.get(f"{name}.lit"), "runs": c.get(f"{name}.runs")}, size)
