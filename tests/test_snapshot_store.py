@@ -324,3 +324,23 @@ def test_frontiers_store_only_rows_that_hold_something(tmp_path):
     assert int((fill == 0).sum()) == 45 and int((fill == 1).sum()) == 128 - 45
     stored = sum(s.nbytes for s in c.header.sections if s.name.startswith(f"{i}.f."))
     assert stored < 0.5 * (kv.nbytes + gate.nbytes)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_numpy_fallback_restores_the_same_state(tmp_path, monkeypatch, threads):
+    """Without numba the store encodes and restores with the numpy codec, to the same bits;
+    one thread or a reader with several decoders gives the same state."""
+    from ds4_agent.sessions import codec
+
+    ids = toks(1500)
+    ex = synth_export(CFG, ids)
+    fast = SnapshotStore(tmp_path, segment_tokens=256, threads=threads)
+    ref = fast.save(ex, FP)
+    assert exports_equal(fast.load(ref, FP), ex) is None
+    monkeypatch.setattr(codec, "_jit", None)
+    slow = SnapshotStore(tmp_path, segment_tokens=256, threads=threads)
+    assert exports_equal(slow.load(ref, FP), ex) is None
+    other = synth_export(CFG, np.concatenate([ids[:1300], toks(200, seed=5)]))
+    ref2 = slow.save(other, FP)  # shares 1280 tokens of segments written by the compiled codec
+    monkeypatch.undo()
+    assert exports_equal(fast.load(ref2, FP), other) is None
