@@ -209,6 +209,14 @@ class SnapshotStore:
     def _seg_path(self, name: str) -> Path:
         return self.seg_dir / name[:2] / f"{name}.seg"
 
+    def _has_prefix(self, key: str) -> bool:
+        """Is some segment of this token range stored (whatever its content hash)?"""
+        shard = self.seg_dir / key[:2]
+        try:
+            return any(n.startswith(key[:32]) and n.endswith(".seg") for n in os.listdir(shard))
+        except FileNotFoundError:
+            return False
+
     def _locked(self, exclusive: bool):
         try:
             return open_lock(self._lock_path, exclusive)
@@ -301,9 +309,14 @@ class SnapshotStore:
             name = name_of(start, end)
             if end - start > CHUNK_TOKENS and not self._seg_path(name).exists():
                 parts = [(a, a + CHUNK_TOKENS) for a in range(start, end, CHUNK_TOKENS)]
-                names = [name_of(a, b) for a, b in parts]
-                if any(self._seg_path(n).exists() for n in names):
-                    return [store_range(a, b, n) for (a, b), n in zip(parts, names, strict=True)]
+                # A cheap look by token prefix first: content-hashing the chunks of every new
+                # range would cost another pass over all its rows.
+                if any(self._has_prefix(keys[r]) for r in parts):
+                    names = [name_of(a, b) for a, b in parts]
+                    if any(self._seg_path(n).exists() for n in names):
+                        return [
+                            store_range(a, b, n) for (a, b), n in zip(parts, names, strict=True)
+                        ]
             return [store_range(start, end, name)]
 
         def chunk(start: int, end: int) -> list[SegmentRef]:
