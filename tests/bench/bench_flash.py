@@ -722,6 +722,8 @@ def _run(args, out: Path) -> None:
         fd = engine.fast_decoder
         record("check", "fast_path_sinkhorn", 0, "", fd.sinkhorn_how)
         record("check", "fast_path_rounding", 0, "", fd.rounders.how)
+        record("check", "fast_path_rope", 0, "", fd.rope_how)
+        record("check", "fast_path_wo_a", 0, "", fd.wo_a_how)
     if "ops" not in args.skip:
         count_ops(engine, args.profile_ctx, paths)
     if "profile" not in args.skip:
