@@ -336,3 +336,11 @@ def test_fallback_forms_match(dirs, monkeypatch):
     fd._fns = {}
     errs, *_ = _decode_both(ref, fast, tm.random_tokens(30, 512, seed=13))
     assert errs.max() <= TOL
+
+
+def test_async_layers_same_logits(dirs):
+    """Starting the device every layer (DS4_DECODE_ASYNC_LAYERS) changes when, not what."""
+    ref, fast = _engines(dirs["window"], "exact")
+    fast.fast_decoder.async_layers = 1
+    errs, *_ = _decode_both(ref, fast, tm.random_tokens(24, 512, seed=14))
+    assert errs.max() <= TOL
