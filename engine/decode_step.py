@@ -862,15 +862,18 @@ class FastDecoder:
         p = state.n_tokens
         win = cfg.sliding_window
         n4a, n128a = (p + 1) // 4, (p + 1) // 128
-        cap4 = cap128 = 0
-        for ls in state.layers:
-            if ls.ratio == 4:
-                ls.comp.reserve(n4a)
-                ls.index.reserve(n4a)
-                cap4 = ls.index.data.shape[0]
-            elif ls.ratio == 128:
-                ls.comp.reserve(n128a)
-                cap128 = ls.comp.data.shape[0]
+        # All blocks of a kind share one capacity (the step's masks are shaped by it); they
+        # grow in step, and any that lag (e.g. built another way) are grown to match.
+        csa = [b for ls in state.layers if ls.ratio == 4 for b in (ls.comp, ls.index)]
+        hca = [ls.comp for ls in state.layers if ls.ratio == 128]
+        for bufs, need in ((csa, n4a), (hca, n128a)):
+            for b in bufs:
+                b.reserve(need)
+            cap = max((b.data.shape[0] for b in bufs), default=0)
+            for b in bufs:
+                b.grow_to(cap)
+        cap4 = csa[0].data.shape[0] if csa else 0
+        cap128 = hca[0].data.shape[0] if hca else 0
         # One host→device transfer of the step's integers; the masks and RoPE tables are built
         # from them on the device by one compiled function (a handful of kernels per step).
         ints = mx.array(

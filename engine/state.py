@@ -53,6 +53,11 @@ class GrowBuf:
             cap = self.data.shape[0]
             while cap < need:
                 cap *= 2
+            self.grow_to(cap)
+
+    def grow_to(self, cap: int) -> None:
+        """Capacity exactly `cap` rows if it is smaller (keeping rows 0..n)."""
+        if cap > self.data.shape[0]:
             grown = mx.zeros((cap, self.data.shape[1]), dtype=self.data.dtype)
             self.data = mx.slice_update(grown, self.data[: self.n], mx.array([0]), axes=(0,))
 
