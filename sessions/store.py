@@ -6,6 +6,8 @@ Layout under `root`:
     snapshots/<id>.snap           one immutable file per snapshot: header, token ids, logits,
                                   raw windows, the rows after the last chunk, frontiers
     snapshots/<id>.meta.json      mutable bookkeeping: last use, decayed hits, pins
+    damage-seen                   present after a load met a damaged file: the next save
+                                  reads back every segment it reuses
     segments/<xx>/<name>.seg      immutable, shared: the compressed rows and index keys that
                                   one token range produced, for every layer
 
@@ -197,6 +199,7 @@ class SnapshotStore:
         self.snap_dir = self.root / "snapshots"
         self.seg_dir = self.root / "segments"
         self._lock_path = self.root / "lock"
+        self._damage_marker = self.root / "damage-seen"
 
     # ------------------------------------------------------------------ paths
 
@@ -289,6 +292,7 @@ class SnapshotStore:
         )
         written: list[Path] = []
         lock = threading.Lock()
+        check_reused = self._damage_marker.exists()
 
         def name_of(start: int, end: int) -> str:
             rows = [_seg_rows(le, start, end) for le in ex.layers]
@@ -296,6 +300,12 @@ class SnapshotStore:
 
         def store_range(start: int, end: int, name: str) -> SegmentRef:
             path = self._seg_path(name)
+            if path.exists() and check_reused:
+                try:
+                    read_container(path, MAGIC_SEGMENT)
+                except SnapshotError:  # damaged: write a good copy below
+                    with contextlib.suppress(OSError):
+                        path.unlink()
             if path.exists():
                 nbytes = path.stat().st_size
             else:  # each worker holds one encoded segment at a time
@@ -352,6 +362,9 @@ class SnapshotStore:
         if written:
             fsync_dir(self.seg_dir, strict=True)
         write_atomic(self._snap_path(sid), snap_chunks)
+        if check_reused:  # every segment this snapshot uses was read back in full
+            with contextlib.suppress(OSError):
+                self._damage_marker.unlink()
 
         now = time.time()
         side = self._read_sidecar(sid)
@@ -380,6 +393,9 @@ class SnapshotStore:
                 ex = self._load_locked(sid, fingerprint)
                 self._touch(sid)
             return ex
+        except SnapshotCorruptError:
+            self._mark_damage()
+            raise
         except SnapshotError:
             raise
         except FileNotFoundError as e:
@@ -391,10 +407,19 @@ class SnapshotStore:
                 f"snapshot {sid[:12]}: cannot read it: {e.strerror or e}"
             ) from None
         except Exception as e:  # noqa: BLE001 - the contract: nothing but SnapshotError escapes
+            self._mark_damage()
             raise SnapshotCorruptError(
                 f"snapshot {sid[:12]} does not decode to a valid state ({type(e).__name__}: {e}); "
                 "re-prefill from the transcript"
             ) from None
+
+    def _mark_damage(self) -> None:
+        """Remember that damage was seen. A damaged snapshot file hides which segments it
+        used, and those may be damaged too (one disk problem rarely hits one file): the next
+        save then checks every segment it would reuse instead of trusting that it exists, so
+        the snapshot that replaces the damaged one never builds on a damaged segment."""
+        with contextlib.suppress(OSError):
+            self._damage_marker.touch()
 
     def _load_locked(self, sid: str, fingerprint: str) -> StateExport:
         path = self._snap_path(sid)

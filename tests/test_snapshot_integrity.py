@@ -93,6 +93,22 @@ def test_flipped_byte_in_the_snapshot_file(world, where):
     assert_a_still_loads(store, a)
 
 
+def test_saving_again_after_a_damaged_snapshot_file_rewrites_its_damaged_segments(world):
+    """A damaged snapshot file hides which segments it used; if one of them is damaged too,
+    the save that replaces the snapshot must not reuse it, so the next load works at once."""
+    store, a, b, own = world
+    flip(store._snap_path(b.id), store._snap_path(b.id).stat().st_size - 5)
+    flip(own[1], own[1].stat().st_size // 2)
+    with pytest.raises(SnapshotCorruptError):
+        store.load(b, FP)
+    before = own[1].stat().st_mtime_ns
+    ref = store.save(synth_export(CFG, IDS), FP)  # the session layer's re-prefill saves again
+    assert own[1].stat().st_mtime_ns != before  # rewritten, not reused
+    assert exports_equal(store.load(ref, FP), synth_export(CFG, IDS)) is None
+    assert_a_still_loads(store, a)
+    assert not (store.root / "damage-seen").exists()
+
+
 def test_missing_segment(world):
     store, a, b, own = world
     own[2].unlink()
