@@ -805,6 +805,9 @@ class FastDecoder:
         self.hc_masks = (cols < cfg.hc_mult, cols < 2 * cfg.hc_mult)
         mx.eval(self.groups, self.zero, self.k_experts, self.nope_mask, *self.hc_masks)
         self.wo_a_how = self._probe_grouped_wo_a()
+        # Nothing lazy may outlive the constructor: a lazy array carries the stream of the
+        # thread that made it, and decoding may run on another thread (the agent's UI does).
+        mx.eval([list(W.values()) for _, W in self.layers], list(self.head_w.values()))
 
     def _probe_grouped_wo_a(self) -> str:
         """Run the grouped `wo_a` gather once per weight format; a backend without that gather

@@ -344,3 +344,25 @@ def test_async_layers_same_logits(dirs):
     fast.fast_decoder.async_layers = 1
     errs, *_ = _decode_both(ref, fast, tm.random_tokens(24, 512, seed=14))
     assert errs.max() <= TOL
+
+
+def test_fast_decode_on_another_thread(dirs):
+    """Engines are built on one thread and may decode on another (the agent's UI does): the
+    packed weights must carry no lazy graph tied to the building thread's stream."""
+    import threading
+
+    fast = Engine.load(dirs["window"], "exact", decode_path="fast")
+    st = fast.new_state()
+    fast.prefill(st, [5, 6, 7])
+    out: list = []
+
+    def work():
+        try:
+            out.append(np.array(fast.decode(st, 8)))
+        except BaseException as e:  # reported below
+            out.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(120)
+    assert len(out) == 1 and isinstance(out[0], np.ndarray), out
