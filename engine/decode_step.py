@@ -18,6 +18,11 @@ the same mathematics as a handful of `mx.compile`d functions:
   batched matmul, RoPE is one element-wise expression over the whole row (no stack or
   concatenate), routed experts' w1|w3 optionally one gather over a fused stack.
 
+On CUDA the FP8/FP4 rounding chains run as one launch each (engine/decode_kernels.py) and
+the mHC Sinkhorn as engine/fused.py's kernel; both, the reversed-pair RoPE view and the grouped
+`wo_a` gather are checked once at load on the device, with array-op fallbacks
+(`FastDecoder.*_how` say what runs).
+
 Numerics are those of the reference path (exact: ≤ 1e-5 relative logit difference, checked by
 tests/test_engine_decode_fast.py).
 """
