@@ -92,8 +92,10 @@ DEFAULT_SEGMENT_TOKENS = 1024
 CHUNK_TOKENS = 128
 RECENCY_HALF_LIFE_S = 6 * 3600.0
 HITS_HALF_LIFE_S = 24 * 3600.0
-_KV_FMT = {"official": "e4m3"}
-_INDEX_FMT = {"official": "e2m1"}
+# `bf16` numerics rounds the stored rows exactly as `official` does (it only changes matmul
+# inputs), so its rows take the same compact lossless forms.
+_KV_FMT = {"official": "e4m3", "bf16": "e4m3"}
+_INDEX_FMT = {"official": "e2m1", "bf16": "e2m1"}
 
 
 def snapshot_id(fingerprint: str, tokens: np.ndarray) -> str:
