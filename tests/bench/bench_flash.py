@@ -41,13 +41,14 @@ import numpy as np
 from ds4_agent.engine.config import ModelConfig
 from ds4_agent.engine.generate import Engine
 from ds4_agent.engine.state_export import LayerExport, StateExport
-from ds4_agent.engine.state_file import load_state, save_state
 from ds4_agent.engine.synthetic import (
     active_weight_bytes,
     flash_config,
     synthetic_config,
     tier_weights,
 )
+from ds4_agent.sessions.snapshot_synth import SynthConfig, index_rows, kv_rows
+from ds4_agent.sessions.snapshots import SnapshotStore
 
 ROWS: list[dict] = []
 OUT: list[Path] = []  # where record() keeps the CSV current (a killed run still leaves it)
@@ -143,30 +144,51 @@ def chunk_flops(cfg: ModelConfig, start: int, n: int) -> float:
 
 
 def synthetic_state(engine: Engine, n_tokens: int, seed: int = 0):
-    """A decode state of `n_tokens` with random rows (shapes exactly as a prefill leaves them)."""
+    """A decode state of `n_tokens` with random rows (shapes exactly as a prefill leaves them).
+
+    Outside `exact` numerics the rows lie on the FP8 / FP4 / BF16 grids a real prefill leaves
+    (so the snapshot store meets the same compact encoding), and the compressor frontiers hold
+    data only in the slots a real state at this length fills (the rest canonical 0 / −inf)."""
     cfg = engine.config
     rng = np.random.default_rng(seed)
     hd, di, w = cfg.head_dim, cfg.index_head_dim, cfg.sliding_window
+    scfg = SynthConfig(
+        ratios=tuple(cfg.ratios),
+        head_dim=hd,
+        rope_dim=cfg.qk_rope_head_dim,
+        index_dim=di,
+        window=w,
+        vocab=cfg.vocab_size,
+    )
+    rounding = "official" if engine.numerics != "exact" else "exact"
 
     def rnd(*shape):
         return rng.standard_normal(shape, dtype=np.float32)
+
+    def frontier(slots: int, width: int, filled: range) -> tuple[np.ndarray, np.ndarray]:
+        kv = np.zeros((slots, width), np.float32)
+        sc = np.full((slots, width), -np.inf, np.float32)
+        for i in filled:
+            kv[i], sc[i] = rnd(width), rnd(width)
+        return kv, sc
 
     layers = []
     for r in cfg.ratios:
         front = {}
         if r == 4:
+            # slots 0..3: the previous complete window; 4..: the current window's rows so far
+            filled = range(0, 4 + n_tokens % 4) if n_tokens >= 4 else range(4, 4 + n_tokens)
             for p, width in (("", 2 * hd), ("idx_", 2 * di)):
-                front[p + "kv_state"] = rnd(8, width)
-                front[p + "score_state"] = rnd(8, width)
+                front[p + "kv_state"], front[p + "score_state"] = frontier(8, width, filled)
         elif r == 128:
-            front["kv_state"], front["score_state"] = rnd(128, hd), rnd(128, hd)
+            front["kv_state"], front["score_state"] = frontier(128, hd, range(n_tokens % 128))
         layers.append(
             LayerExport(
                 kind=KIND[r],
                 ratio=r,
-                raw=rnd(min(n_tokens, w), hd),
-                comp=rnd(n_tokens // r, hd) if r else None,
-                index=rnd(n_tokens // 4, di) if r == 4 else None,
+                raw=kv_rows(rng, min(n_tokens, w), scfg, rounding),
+                comp=kv_rows(rng, n_tokens // r, scfg, rounding) if r else None,
+                index=index_rows(rng, n_tokens // 4, scfg, rounding) if r == 4 else None,
                 frontiers=front,
             )
         )
@@ -517,24 +539,32 @@ def estimate_prefill(chunk_times: list[tuple[int, float]], total: int, chunk: in
 
 
 def bench_snapshot(engine: Engine, ctx: int, prefill_s: float | None) -> None:
+    """Save the state at `ctx` tokens into the session snapshot store (compact segments,
+    checksums, fsync + rename) and restore it into the engine, against the prefill time."""
     st = synthetic_state(engine, ctx)
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "state.npz"
+        store = SnapshotStore(Path(d) / "kv")
         t0 = time.perf_counter()
         ex = st.export()
         t1 = time.perf_counter()
-        save_state(path, ex, engine.fingerprint)
+        ref = store.save(ex, engine.fingerprint)
         t2 = time.perf_counter()
-        size = path.stat().st_size
+        size = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
         del ex
         t3 = time.perf_counter()
-        ex2 = load_state(path, engine.fingerprint)
+        ex2 = store.load(ref, engine.fingerprint)
         t4 = time.perf_counter()
         st2 = engine.import_state(ex2)
         t5 = time.perf_counter()
     record("snapshot", f"export@{ctx}", t1 - t0, "s", "device → numpy")
-    record("snapshot", f"save@{ctx}", t2 - t1, "s", f"npz float32 {size / 1e6:.0f} MB, fsync")
-    record("snapshot", f"load@{ctx}", t4 - t3, "s", "npz → numpy (page cache warm)")
+    record(
+        "snapshot",
+        f"save@{ctx}",
+        t2 - t1,
+        "s",
+        f"snapshot store, {size / 1e6:.0f} MB on disk ({size / ctx:.0f} B/token), fsync + rename",
+    )
+    record("snapshot", f"load@{ctx}", t4 - t3, "s", "store → numpy, checksums verified (warm)")
     record("snapshot", f"import@{ctx}", t5 - t4, "s", "numpy → device state")
     restore = t5 - t3
     record("snapshot", f"restore@{ctx}", restore, "s", "load + import")
@@ -594,18 +624,44 @@ def peer(n_layers: int, lengths: list[int], decode_ctx: int, steps: int) -> None
             f"transformers bf16, {n_layers} layers, {dt * 1e3:.1f} ms/token",
         )
         for n in lengths:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(ids(n), logits_to_keep=1)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            # One forward where it fits; else chunks of n/2, n/4 … through the model's cache
+            # (its eager attention materialises [heads, chunk, keys] scores: 32 GiB at 16k).
+            chunk = n
+            while chunk >= 1024:
+                try:
+                    x = ids(n)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    pkv = None
+                    for a in range(0, n, chunk):
+                        out = model(
+                            x[:, a : a + chunk],
+                            past_key_values=pkv,
+                            use_cache=chunk < n,
+                            logits_to_keep=1,
+                        )
+                        pkv = out.past_key_values if chunk < n else None
+                    torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                    break
+                except torch.OutOfMemoryError:
+                    out = pkv = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    chunk //= 2
+            else:
+                record("peer", f"prefill_tok_s@{n}", 0, "tok/s", "out of memory down to 1k chunks")
+                continue
+            how = "one forward" if chunk == n else f"{chunk}-token chunks with its cache"
             record(
                 "peer",
                 f"prefill_tok_s@{n}",
                 n / dt,
                 "tok/s",
-                f"transformers bf16, {n_layers} layers, one forward",
+                f"transformers bf16, {n_layers} layers, {how}",
             )
+            out = pkv = None
+            torch.cuda.empty_cache()
     del model
     gc.collect()
     torch.cuda.empty_cache()
