@@ -344,7 +344,11 @@ def decode_rows_into(enc: EncodedRows, big: np.ndarray, r0: int) -> None:
     if enc.fmt == "e4m3" and (fmt.block, fmt.nbits, fmt.mbits, fmt.bias) == (64, 8, 3, 7):
         _jit.decode_e4m3(*args, _POW2, big, r0)
     elif enc.fmt == "e2m1" and (fmt.block, fmt.nbits, fmt.mbits, fmt.bias) == (32, 4, 1, 1):
-        _jit.decode_e2m1(*args, _E2M1_PAIRS, _POW2, big, r0)
+        all_q = len(cols["q"]) == enc.d // 32 and enc.d % 32 == 0
+        if all_q and parts["q_codes"].flags.c_contiguous and parts["q_e8"].flags.c_contiguous:
+            _jit.decode_e2m1_all_q(parts["q_codes"], parts["q_e8"], _E2M1_PAIRS, _POW2, big, r0)
+        else:
+            _jit.decode_e2m1(*args, _E2M1_PAIRS, _POW2, big, r0)
     else:
         _jit.decode_any(*args, w, fmt.nbits, fmt.mbits, fmt.bias, _POW2, big, r0)
     if "x_idx" in parts:  # raw exception blocks overwrite their places
@@ -352,6 +356,20 @@ def decode_rows_into(enc: EncodedRows, big: np.ndarray, r0: int) -> None:
         chan = (qcols[idx[:, 1]] * w)[:, None] + np.arange(w)
         rows = r0 + idx[:, 0] % m
         big[(idx[:, 0] // m)[:, None], rows[:, None], chan] = parts["x_val"]
+
+
+def fill_rows(fill: np.ndarray, table: np.ndarray, out_bits: np.ndarray) -> int:
+    """Set row i of `out_bits` (uint32 [N, D]) to table[fill[i]] in every channel; return the
+    number of rows with code 0 (rows stored elsewhere, left for the caller to decode), or -1
+    when a code is outside the table (nothing is then promised about `out_bits`)."""
+    if out_bits.ndim != 2 or fill.shape != (out_bits.shape[0],) or out_bits.dtype != np.uint32:
+        raise ValueError(f"fill {fill.shape} does not match rows {out_bits.shape}")
+    if _jit is not None:
+        return int(_jit.fill_rows(fill, table, out_bits))
+    if fill.size and int(fill.max()) >= table.size:
+        return -1
+    out_bits[...] = table[fill][:, None]
+    return int(np.count_nonzero(fill == 0))
 
 
 def expected_part_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -181,6 +181,33 @@ def decode_e2m1(q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, pairs, pow2, o
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
+def decode_e2m1_all_q(q_codes, q_e8, pairs, pow2, out, r0):
+    """decode_e2m1 for the usual index-key layout, every column block q: a layer's rows are
+    then one run of blocks in both the codes and the target, decoded as one flat loop (about
+    1.4x the per-row loop, whose per-row set-up dominates 128-channel rows)."""
+    nl = out.shape[0]
+    d = out.shape[2]
+    nq = d // 32
+    m = q_e8.shape[0] // nl
+    codes = q_codes.reshape(-1)
+    e8 = q_e8.reshape(-1)
+    scratch = np.empty(16, np.uint64)
+    as_float = scratch.view(np.float32)
+    for l in range(nl):
+        flat = out[l].reshape(-1)
+        o0 = r0 * d
+        b0 = l * m * nq
+        for b in range(m * nq):
+            scale = pow2[e8[b0 + b]]
+            src = codes[(b0 + b) * 16 : (b0 + b) * 16 + 16]
+            for k in range(16):
+                scratch[k] = pairs[src[k]]
+            dst = flat[o0 + b * 32 : o0 + b * 32 + 32]
+            for k in range(32):
+                dst[k] = as_float[k] * np.float32(2.0**126) * scale
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def decode_any(
     q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, w, nbits, mbits, bias, pow2, out, r0
 ):
@@ -231,3 +258,21 @@ def dequantize_rows(codes, e8, cols, w, nibbles, table, pow2, out):
             else:
                 for k in range(w):
                     row[base + k] = table[cj[k]] * scale
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def fill_rows(fill, table, out):
+    """See codec.fill_rows: one pass that checks the codes, counts code 0 and fills rows."""
+    n0 = 0
+    nt = table.shape[0]
+    for i in range(fill.shape[0]):
+        code = np.int64(fill[i])
+        if code >= nt:
+            return -1
+        if code == 0:
+            n0 += 1
+        v = table[code]
+        row = out[i]
+        for k in range(row.shape[0]):
+            row[k] = v
+    return n0

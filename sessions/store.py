@@ -1181,6 +1181,8 @@ def _encode_segment(ex: StateExport, fp, s, start, end, key, name, fmts: dict) -
 
 # Frontier rows that hold nothing yet are canonical: kv 0, gate −inf (engine-spec §3.1).
 _FILL_BITS = {1: 0x00000000, 2: 0xFF800000}
+# Per fill code: the row's bits (code 0, a stored row, is overwritten by its decode).
+_FILL_TABLE = np.array([0, *_FILL_BITS.values()], np.uint32)
 
 
 def _put_array(sections: dict, name: str, a: np.ndarray, fmt: str = "f32") -> ArrayMeta:
@@ -1220,18 +1222,19 @@ def _read_array(c: Container, name: str, am: ArrayMeta) -> np.ndarray:
             or am.dtype != "float32"
             or len(am.shape) != 2
             or fill.shape != (am.shape[0],)
-            or int(fill.max(initial=0)) > max(_FILL_BITS)
-            or (em.n, em.d) != (int(np.count_nonzero(fill == 0)), am.shape[1])
+            or em.d != am.shape[1]
         ):
             raise _bad(c.path, f"array {name} has an inconsistent row layout")
         out = np.empty(am.shape, np.float32)
-        for code, value in _FILL_BITS.items():
-            out.view(np.uint32)[fill == code] = value
-        enc = _enc_from(c, name, em)
-        if not fill[: em.n].any():  # the usual layout: the stored rows come first
-            codec.decode_rows_into(enc, out[None], 0)
-        else:
-            out[fill == 0] = codec.decode_rows(enc)
+        # Canonical rows first (one pass); the count of stored rows checks the layout.
+        if codec.fill_rows(fill, _FILL_TABLE, out.view(np.uint32)) != em.n:
+            raise _bad(c.path, f"array {name} has an inconsistent row layout")
+        if em.n:
+            enc = _enc_from(c, name, em)
+            if em.n == am.shape[0] or not fill[: em.n].any():  # usual: stored rows come first
+                codec.decode_rows_into(enc, out[None], 0)
+            else:
+                out[fill == 0] = codec.decode_rows(enc)
         return out
     if am.enc == "runs":
         flat = codec.decode_runs({"lit": c.get(f"{name}.lit"), "runs": c.get(f"{name}.runs")}, size)

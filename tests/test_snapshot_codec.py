@@ -229,3 +229,44 @@ def test_compiled_decoder_matches_the_table_for_every_code_and_scale(fmt):
     with np.errstate(over="ignore"):
         want = codec.dequantize_blocks(blocks, scales, fmt)
     assert np.array_equal(bits(out[0]), bits(want))
+
+
+def test_decode_into_place_all_q_layout_compiled_and_numpy_agree(monkeypatch):
+    """Index keys usually have every column block q (the compiled decoder's flat loop): with
+    exceptions, several layers and a row offset it gives the bits numpy gives."""
+    pytest.importorskip("ds4_agent.sessions.codec_jit")
+    n_layers, m, d = 3, 40, 4 * 32
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((n_layers * m, d)).astype(np.float32)
+    x *= np.ldexp(np.float32(1), rng.integers(-40, 40, (len(x), 1))).astype(np.float32)
+    x = quant.fp4_roundtrip_np(x, block=32)
+    x[::9, 5] = rng.standard_normal(len(x[::9]))  # exceptions
+    enc = codec.encode_rows(x, "e2m1")
+    assert enc.modes == "qqqq" and "x_idx" in enc.parts
+    compiled = np.full((n_layers, m + 9, d), np.nan, np.float32)
+    codec.decode_rows_into(enc, compiled, 5)
+    monkeypatch.setattr(codec, "_jit", None)
+    plain = np.full_like(compiled, np.nan)
+    codec.decode_rows_into(enc, plain, 5)
+    assert np.array_equal(bits(compiled), bits(plain))
+    assert np.array_equal(bits(compiled[:, 5 : 5 + m].reshape(x.shape)), bits(x))
+
+
+def test_fill_rows_compiled_and_numpy_agree(monkeypatch):
+    """Frontier rows: canonical fill per code, stored rows counted, a code outside the
+    table reported as -1 by both paths."""
+    pytest.importorskip("ds4_agent.sessions.codec_jit")
+    table = np.array([0, 0, 0xFF800000], np.uint32)
+    fill = np.array([0, 0, 1, 2, 2, 1, 0], np.uint8)
+    results = []
+    for jit in (True, False):
+        if not jit:
+            monkeypatch.setattr(codec, "_jit", None)
+        out = np.full((len(fill), 6), 7, np.uint32)
+        n0 = codec.fill_rows(fill, table, out)
+        results.append((n0, out))
+        assert codec.fill_rows(np.array([0, 3], np.uint8), table, out[:2]) == -1
+    (n_a, a), (n_b, b) = results
+    assert n_a == n_b == 3
+    assert np.array_equal(a[fill != 0], b[fill != 0])
+    assert np.array_equal(a[fill != 0], np.repeat(table[fill[fill != 0]][:, None], 6, axis=1))
