@@ -12,6 +12,9 @@ plain read reads the same files start to end into a reused buffer and checks not
 restore writes about 4x the bytes it reads (float32 rows from FP8/FP4 codes), so warm it is
 bound by memory and CPU, not by the read; the CPU seconds are printed next to the times, with
 the load average, because other processes on a small machine take cores from the decoders.
+The warm bound is printed too: writing the restore's float32 output into fresh memory once,
+with nothing read or decoded (about 3x the warm plain read), next to the warm restore. Cold
+ratios are given for the best run of each and for the medians.
 
 Then the fork experiment (a 10k-token session forked twice, +1k tokens each) with a breakdown
 of what the forks added, and, with --prefill N, the prefill time of the tiny CPU test engine
@@ -26,6 +29,7 @@ import argparse
 import csv
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -73,6 +77,12 @@ def plain_read(files: list[Path], reuse: bool = False) -> int:
                 n += f.readinto(view[n : min(size, n + (16 << 20))])
         total += size
     return total
+
+
+def write_fresh(nbytes: int) -> None:
+    """Write `nbytes` of float32 into freshly allocated memory: what a restore must do at
+    least once for its output (page faults included), whatever it reads."""
+    np.empty(nbytes // 4, dtype=np.float32).fill(1.0)
 
 
 def best_of(fn, repeat: int) -> float:
@@ -171,8 +181,8 @@ def main() -> int:
     try:
         print(f"synthetic Flash state: {len(cfg.ratios)} layers, head_dim {cfg.head_dim}, T={t:,}")
         print(
-            f"codec: {codec.backend()}, {SnapshotStore(root).threads} decoder threads + 1 reader, "
-            f"{os.cpu_count()} CPUs"
+            f"codec: {codec.backend()}, {SnapshotStore(root).threads + 1} restore workers "
+            f"(each reads, verifies and decodes whole segments), {os.cpu_count()} CPUs"
         )
         ids = np.random.default_rng(0).integers(2, cfg.vocab, t).astype(np.int32)
         ex = synth_export(cfg, ids, args.numerics)
@@ -209,7 +219,15 @@ def main() -> int:
         files = store_files(root)
         nbytes = sum(p.stat().st_size for p in files)
 
+        out_bytes = sum(
+            le.raw.nbytes
+            + sum(a.nbytes for a in (le.comp, le.index) if a is not None)
+            + sum(v.nbytes for v in le.frontiers.values())
+            for le in back.layers
+        )
+        del back
         warm_read, read_cpu = timed(lambda: plain_read(files), args.repeat)
+        write_f32, _ = timed(lambda: write_fresh(out_bytes), args.repeat)
         warm_reuse, _ = timed(lambda: plain_read(files, reuse=True), args.repeat)
         warm_load, load_cpu = timed(lambda: store.load(ref, FP), args.repeat)
         out(
@@ -232,6 +250,19 @@ def main() -> int:
         )
         out("restore/read bandwidth, warm", 100 * warm_read / warm_load, "%")
         out(
+            "float32 output write (bound)",
+            write_f32,
+            "s",
+            f"{out_bytes / 2**20:,.0f} MiB of fresh float32, the restore's output: "
+            f"{write_f32 / warm_read:.1f}x the warm plain read",
+        )
+        out(
+            "restore warm / float32 write bound",
+            100 * write_f32 / warm_load,
+            "%",
+            "warm restore cannot beat writing its output",
+        )
+        out(
             "restore CPU throughput",
             nbytes / load_cpu / 1e9,
             "GB/s",
@@ -247,16 +278,20 @@ def main() -> int:
             # Cold: the plain read and the restore alternate, each after dropping the files
             # from the page cache; best of --repeat each (other processes on a small machine
             # inflate single runs).
-            cold_read = cold_reuse = cold_load = cold_cpu = float("inf")
+            cold_reads, cold_reuses, cold_loads = [], [], []
+            cold_load = cold_cpu = float("inf")
             for _ in range(args.repeat):
                 drop_cache(files)
-                cold_read = min(cold_read, timed(lambda: plain_read(files), 1)[0])
+                cold_reads.append(timed(lambda: plain_read(files), 1)[0])
                 drop_cache(files)
-                cold_reuse = min(cold_reuse, timed(lambda: plain_read(files, reuse=True), 1)[0])
+                cold_reuses.append(timed(lambda: plain_read(files, reuse=True), 1)[0])
                 drop_cache(files)
                 wall, cpu = timed(lambda: store.load(ref, FP), 1)
+                cold_loads.append(wall)
                 if wall < cold_load:
                     cold_load, cold_cpu = wall, cpu
+            cold_read, cold_reuse = min(cold_reads), min(cold_reuses)
+            med_read, med_load = statistics.median(cold_reads), statistics.median(cold_loads)
             out("plain read, cold", nbytes / cold_read / 1e9, "GB/s", f"{cold_read:.3f} s")
             out(
                 "plain read, cold, reused buffer",
@@ -270,7 +305,13 @@ def main() -> int:
                 "GB/s",
                 f"{cold_load:.3f} s, CPU {cold_cpu:.3f} s",
             )
-            out("restore/read bandwidth, cold", 100 * cold_read / cold_load, "%")
+            out("restore/read bandwidth, cold", 100 * cold_read / cold_load, "%", "best of each")
+            out(
+                "restore/read bandwidth, cold, median",
+                100 * med_read / med_load,
+                "%",
+                f"median of each: read {med_read:.3f} s, restore {med_load:.3f} s",
+            )
             out(
                 "restore gap to 70 % of plain read, cold",
                 max(0.0, cold_load - cold_read / 0.7),
