@@ -1285,7 +1285,7 @@ def _enc_from(c: Container, prefix: str, em: EncMeta) -> codec.EncodedRows:
     parts = {}
     for part, (shape, dtype) in shapes.items():
         a = c.get(f"{prefix}.{part}")
-        if a.shape != shape or a.dtype.name != dtype:
+        if a.shape != shape or a.dtype != np.dtype(dtype):  # (dtype.name is slow: per part)
             raise _bad(
                 c.path, f"{prefix}.{part} has shape {a.shape} {a.dtype}, expected {shape} {dtype}"
             )
