@@ -544,7 +544,7 @@ class SnapshotStore:
                 k, sref, key = item
                 try:
                     if buf.size < sref.nbytes:
-                        buf = np.empty(sref.nbytes, np.uint8)
+                        buf = np.empty(max(sref.nbytes, _MIN_BUFFER), np.uint8)
                     got = self._read_segment(sref, key, meta, sref.start, sref.end, buf)
                     self._decode_segment(got, sref, meta, arrays, sref.start, sref.end)
                 except BaseException as e:  # noqa: BLE001 - handed to the caller below
@@ -1001,6 +1001,11 @@ def _segment_sizes(seg_dir: Path) -> dict[str, int]:
         if p.name.endswith(".seg"):
             out[p.name[:-4]] = _size(p)
     return out
+
+
+# A worker's segment buffer is at least this large: numpy backs allocations from 4 MiB up
+# with huge pages where the kernel allows, so filling it costs two page faults, not a thousand.
+_MIN_BUFFER = 4 << 20
 
 
 def _check_layer(i: int, le: LayerExport, t: int, s: int) -> None:
