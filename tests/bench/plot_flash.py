@@ -1,7 +1,12 @@
-"""Plot a `bench_flash.py` CSV (optionally against an earlier run) into one PNG.
+"""Plot `bench_flash.py` CSVs (optionally against an earlier run) into one PNG.
 
-    python tests/bench/plot_flash.py docs/bench_flash_h200.csv \
-        --before docs/bench_flash_h200_before.csv --png docs/benchmarks.png
+Several CSVs (sections of one benchmark taken in separate runs) are merged; where two hold
+the same row, the first one given wins.
+
+    python tests/bench/plot_flash.py docs/bench_flash_h200_prefill_snapshot.csv \
+        docs/bench_flash_h200_decode.csv docs/bench_flash_h200_paths.csv \
+        docs/bench_flash_h200_peer.csv \
+        --before docs/bench_flash_h200.csv --png docs/benchmarks.png
 """
 
 from __future__ import annotations
@@ -35,19 +40,21 @@ def series(rows: dict, section: str, prefix: str) -> tuple[list[int], list[float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("csv")
+    ap.add_argument("csv", nargs="+")
     ap.add_argument("--before")
     ap.add_argument("--png", default="benchmarks.png")
     args = ap.parse_args()
-    now = load(args.csv)
+    now: dict[tuple[str, str], float] = {}
+    for path in args.csv:
+        now = {**load(path), **now}
     fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
 
     a = ax[0][0]
     x, y = series(now, "decode", "tok_s")
-    a.plot(x, y, "o-", label="this engine (fused mHC + compiled chains)")
+    a.plot(x, y, "o-", label="this engine (fast decode step, bf16 numerics)")
     if args.before:
         xb, yb = series(load(args.before), "decode", "tok_s")
-        a.plot(xb, yb, "s--", color="grey", label="before (first 1k point: cold kernels)")
+        a.plot(xb, yb, "s--", color="grey", label="before (reference path, official numerics)")
     a.axhline(NAIVE_BASELINE, color="tab:red", ls=":", label="naive baseline (perf.md §7)")
     a.axhline(TARGET, color="tab:green", ls=":", label="target 3× baseline")
     a.set_xscale("log", base=2)
@@ -78,7 +85,10 @@ def main() -> None:
         a.bar([k.upper() for k in kinds], vals, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     whole = [now.get(("layer", f"{k}_layer"), 0) for k in kinds]
-    a.plot([k.upper() for k in kinds], whole, "kD", label="whole layer")
+    a.plot([k.upper() for k in kinds], whole, "kD", label="whole layer, reference path")
+    fast = [now.get(("layer", f"{k}_layer_fast"), 0) for k in kinds]
+    if any(fast):
+        a.plot([k.upper() for k in kinds], fast, "r*", ms=12, label="whole layer, fast step")
     a.set_ylabel("ms (each part synchronised on its own)")
     a.set_title("Decode time per layer kind, ctx 1k")
     a.legend(fontsize=8)
@@ -91,7 +101,7 @@ def main() -> None:
     a.set_yscale("log")
     a.set_xlabel("prompt tokens")
     a.set_ylabel("prefill tok/s")
-    a.set_title("Prefill, same 4 layers (peer OOM at 16k)")
+    a.set_title("Prefill, same 4 layers (peer at 16k: 8k chunks via its cache)")
     a.legend(fontsize=8)
 
     a = ax[1][1]
