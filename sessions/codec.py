@@ -296,13 +296,13 @@ _NO_COLS = np.empty(0, np.int64)
 
 
 def _e2m1_pairs() -> np.ndarray:
-    """Per byte of two packed e2m1 codes: the float32 bits of both codes in the compiled
-    decoder's form (magnitude bits shifted into float32's exponent field, sign on top), low
-    nibble in the low 32 bits (it is the earlier channel)."""
-    b = np.arange(256, dtype=np.uint64)
-    lo = ((b & 0x7) << 22) | ((b & 0x8) << 28)
-    hi = (((b >> 4) & 0x7) << 22) | (((b >> 4) & 0x8) << 28)
-    return lo | (hi << np.uint64(32))
+    """Per byte of two packed e2m1 codes: the float32 bits of both codes' values (low nibble
+    in the low 32 bits: it is the earlier channel). Every e2m1 value is a normal float32 (or
+    zero), so the compiled decoder's one product value · 2^(e8 − 127) never takes a subnormal
+    operand (those cost the CPU a slow micro-coded path: about 1.5x the decode time)."""
+    bits = E2M1.decode_table().astype(np.float32).view(np.uint32).astype(np.uint64)
+    b = np.arange(256)
+    return bits[b & 15] | (bits[b >> 4] << np.uint64(32))
 
 
 _E2M1_PAIRS = _e2m1_pairs()

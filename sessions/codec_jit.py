@@ -158,8 +158,9 @@ def decode_e4m3(q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, pow2, out, r0)
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def decode_e2m1(q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, pairs, pow2, out, r0):
     """As decode_e4m3 for e2m1 codes in blocks of 32, packed two per byte (low nibble first).
-    `pairs[byte]` holds the float32 bits (as above) of both nibbles, low nibble in the low
-    word: one 256-entry lookup per byte unpacks two codes with no interleaved stores."""
+    `pairs[byte]` holds the float32 bits of both nibbles' values (normal floats, unlike the
+    shifted codes above), low nibble in the low word: one 256-entry lookup per byte unpacks
+    two codes with no interleaved stores, and one exact product scales them."""
     nq = qcols.shape[0]
     m = _rows_per_layer(out, q_e8, bf, fl, tail, nq, bcols.shape[0], fcols.shape[0])
     bits = out.view(np.uint32)
@@ -176,7 +177,7 @@ def decode_e2m1(q_codes, q_e8, qcols, bf, bcols, fl, fcols, tail, pairs, pow2, o
                 for k in range(16):
                     scratch[k] = pairs[cj[k]]
                 for k in range(32):
-                    dst[k] = as_float[k] * np.float32(2.0**126) * scale
+                    dst[k] = as_float[k] * scale
             _copy_other_modes(row, bits[l, r0 + i], r, bf, bcols, fl, fcols, tail, 32)
 
 
@@ -204,7 +205,7 @@ def decode_e2m1_all_q(q_codes, q_e8, pairs, pow2, out, r0):
                 scratch[k] = pairs[src[k]]
             dst = flat[o0 + b * 32 : o0 + b * 32 + 32]
             for k in range(32):
-                dst[k] = as_float[k] * np.float32(2.0**126) * scale
+                dst[k] = as_float[k] * scale
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
