@@ -20,6 +20,7 @@ slots hold long runs of one value (zeros, -inf gates).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -308,6 +309,18 @@ def _e2m1_pairs() -> np.ndarray:
 _E2M1_PAIRS = _e2m1_pairs()
 
 
+@functools.lru_cache(maxsize=256)
+def _mode_columns(modes: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column-block indices of the q, b and f blocks of `modes` (read-only; cached: a restore
+    asks for the same few layouts hundreds of times)."""
+    out = []
+    for mode in "qbf":
+        a = np.asarray([j for j, m in enumerate(modes) if m == mode], np.int64)
+        a.flags.writeable = False
+        out.append(a)
+    return out[0], out[1], out[2]
+
+
 def decode_rows_into(enc: EncodedRows, big: np.ndarray, r0: int) -> None:
     """Decode into rows [r0, r0 + m) of every layer of `big` (C-contiguous float32 [L, R, D],
     m = N / L): encoded row r lands in big[r // m, r0 + r % m].
@@ -328,23 +341,20 @@ def decode_rows_into(enc: EncodedRows, big: np.ndarray, r0: int) -> None:
     if enc.n == 0:
         return
     parts = enc.parts
-    cols: dict[str, list[int]] = {"q": [], "b": [], "f": []}
-    for j, mode in enumerate(enc.modes):
-        cols[mode].append(j)
+    qcols, bcols, fcols = _mode_columns(enc.modes)
     fmt = FORMATS.get(enc.fmt, E4M3)  # "f32": no q blocks, the format is not used
     w = fmt.block
-    qcols = np.asarray(cols["q"], np.int64) if cols["q"] else _NO_COLS
     args = (
         parts.get("q_codes", _EMPTY["q_codes"]), parts.get("q_e8", _EMPTY["q_e8"]), qcols,
-        parts.get("b", _EMPTY["b"]), np.asarray(cols["b"], np.int64),
-        parts.get("f", _EMPTY["f"]), np.asarray(cols["f"], np.int64),
+        parts.get("b", _EMPTY["b"]), bcols,
+        parts.get("f", _EMPTY["f"]), fcols,
         parts.get("tail", _EMPTY["tail"]),
     )  # fmt: skip
     # The two real formats have kernels of their own (constant widths and masks).
     if enc.fmt == "e4m3" and (fmt.block, fmt.nbits, fmt.mbits, fmt.bias) == (64, 8, 3, 7):
         _jit.decode_e4m3(*args, _POW2, big, r0)
     elif enc.fmt == "e2m1" and (fmt.block, fmt.nbits, fmt.mbits, fmt.bias) == (32, 4, 1, 1):
-        all_q = len(cols["q"]) == enc.d // 32 and enc.d % 32 == 0
+        all_q = len(qcols) == enc.d // 32 and enc.d % 32 == 0
         if all_q and parts["q_codes"].flags.c_contiguous and parts["q_e8"].flags.c_contiguous:
             _jit.decode_e2m1_all_q(parts["q_codes"], parts["q_e8"], _E2M1_PAIRS, _POW2, big, r0)
         else:
@@ -374,25 +384,32 @@ def fill_rows(fill: np.ndarray, table: np.ndarray, out_bits: np.ndarray) -> int:
 
 def expected_part_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shapes and dtypes the parts of an EncodedRows with this meta must have (x_* excluded)."""
-    n, d, fmt_name, modes = int(meta["n"]), int(meta["d"]), meta["fmt"], meta["modes"]
+    shapes = part_shapes(int(meta["n"]), int(meta["d"]), meta["fmt"], meta["modes"])
+    return {part: (shape, dt.name) for part, shape, dt in shapes}
+
+
+@functools.lru_cache(maxsize=1024)
+def part_shapes(n: int, d: int, fmt_name: str, modes: str) -> tuple:
+    """expected_part_shapes as a cached tuple of (part, shape, dtype); raises ValueError or
+    KeyError for a layout that cannot be (a restore checks ~180 stacks of a few layouts)."""
     if fmt_name == "f32":
-        return {"tail": ((n, d), "float32")}
+        return (("tail", (n, d), np.dtype(np.float32)),)
     fmt = FORMATS[fmt_name]
     w = fmt.block
     nq, nbf, nf = modes.count("q"), modes.count("b"), modes.count("f")
     if len(modes) != d // w or nq + nbf + nf != len(modes):
         raise ValueError(f"column modes {modes!r} do not fit {d} channels")
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    shapes = []
     if nq:
-        shapes["q_codes"] = ((n, nq, w * fmt.nbits // 8), "uint8")
-        shapes["q_e8"] = ((n, nq), "uint8")
+        shapes.append(("q_codes", (n, nq, w * fmt.nbits // 8), np.dtype(np.uint8)))
+        shapes.append(("q_e8", (n, nq), np.dtype(np.uint8)))
     if nbf:
-        shapes["b"] = ((n, nbf, w), "uint16")
+        shapes.append(("b", (n, nbf, w), np.dtype(np.uint16)))
     if nf:
-        shapes["f"] = ((n, nf, w), "float32")
+        shapes.append(("f", (n, nf, w), np.dtype(np.float32)))
     if d % w:
-        shapes["tail"] = ((n, d % w), "float32")
-    return shapes
+        shapes.append(("tail", (n, d % w), np.dtype(np.float32)))
+    return tuple(shapes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1284,13 +1284,13 @@ def _encode_snapshot(ex: StateExport, fp, sid, s, covered, seg_refs, fmts: dict)
 
 def _enc_from(c: Container, prefix: str, em: EncMeta) -> codec.EncodedRows:
     try:
-        shapes = codec.expected_part_shapes(em.model_dump())
+        shapes = codec.part_shapes(em.n, em.d, em.fmt, em.modes)
     except (ValueError, KeyError) as e:
         raise _bad(c.path, f"{prefix}: {e}") from None
     parts = {}
-    for part, (shape, dtype) in shapes.items():
+    for part, shape, dtype in shapes:
         a = c.get(f"{prefix}.{part}")
-        if a.shape != shape or a.dtype != np.dtype(dtype):  # (dtype.name is slow: per part)
+        if a.shape != shape or a.dtype != dtype:  # (dtype.name is slow: per part)
             raise _bad(
                 c.path, f"{prefix}.{part} has shape {a.shape} {a.dtype}, expected {shape} {dtype}"
             )
