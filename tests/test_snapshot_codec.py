@@ -231,6 +231,40 @@ def test_compiled_decoder_matches_the_table_for_every_code_and_scale(fmt):
     assert np.array_equal(bits(out[0]), bits(want))
 
 
+@pytest.mark.parametrize("kernel", ["decode_e4m3", "decode_e4m3_f16"])
+def test_each_e4m3_kernel_matches_the_table_for_every_code_and_scale(kernel):
+    """Both e4m3 kernels (the float16-conversion one and its fallback) give table[code] · scale
+    bit for bit for every finite code at every block exponent, next to a bfloat16 block."""
+    jit = pytest.importorskip("ds4_agent.sessions.codec_jit")
+    table = codec.E4M3.decode_table()
+    codes = np.flatnonzero(np.isfinite(table)).astype(np.uint8)
+    row = np.resize(codes, 256).reshape(-1, 64)  # [4, 64] code blocks
+    e8 = np.arange(256, dtype=np.uint8)
+    blocks = np.broadcast_to(row[None], (256, *row.shape)).reshape(-1, 64)
+    scales = np.repeat(e8, len(row))
+    rng = np.random.default_rng(1)
+    bf = rng.integers(0, 1 << 16, (len(blocks), 1, 64), dtype=np.uint16)
+    out = np.full((1, len(blocks), 128), np.nan, np.float32)
+    getattr(jit, kernel)(
+        blocks[:, None], scales[:, None], np.array([1]), bf, np.array([0]),
+        np.empty((0, 0, 0), np.float32), np.empty(0, np.int64), np.empty((0, 0), np.float32),
+        codec._POW2, out, 0,
+    )  # fmt: skip
+    with np.errstate(over="ignore"):
+        want = codec.dequantize_blocks(blocks, scales, codec.E4M3)
+    assert np.array_equal(bits(out[0, :, 64:]), bits(want))
+    assert np.array_equal(bits(out[0, :, :64]), bf[:, 0].astype(np.uint32) << 16)
+
+
+def test_the_float16_e4m3_kernel_is_used_where_the_cpu_converts_float16():
+    jit = pytest.importorskip("ds4_agent.sessions.codec_jit")
+    from llvmlite import binding
+
+    if not binding.get_host_cpu_features().get("f16c", False):
+        pytest.skip("no F16C on this CPU")
+    assert codec._e4m3_kernel() is jit.decode_e4m3_f16
+
+
 def test_decode_into_place_all_q_layout_compiled_and_numpy_agree(monkeypatch):
     """Index keys usually have every column block q (the compiled decoder's flat loop): with
     exceptions, several layers and a row offset it gives the bits numpy gives."""
