@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
-from ds4_agent.engine.fused import _use_cuda
+from ds4_agent.engine.fused import cuda_kernel, use_cuda
 from ds4_agent.engine.quant import (
     FP4_AMAX_FLOOR,
     FP4_MAX,
@@ -66,19 +66,9 @@ _SOURCE = """
     }
 """
 
-_kernel = None
-
 
 def _cuda_kernel():
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(
-            name="ds4_block_round",
-            input_names=["x", "ip", "fp"],
-            output_names=["out"],
-            source=_SOURCE,
-        )
-    return _kernel
+    return cuda_kernel("ds4_block_round", ("x", "ip", "fp"), ("out",), _SOURCE)
 
 
 def _fmt_ints(fmax: float) -> tuple[int, int]:
@@ -131,7 +121,7 @@ class Rounders:
             return fp4_e2m1_roundtrip(x, 32)
 
         if use_kernels is None:
-            use_kernels = _use_cuda()
+            use_kernels = use_cuda()
         if not use_kernels:
             return cls(kv_ref, fp4_ref, "array expressions")
         if nope % 64 or head_dim % 64 or index_dim % 32:

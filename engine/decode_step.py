@@ -964,11 +964,11 @@ class FastDecoder:
 def _checked_sinkhorn(model: Model):
     """The model's Sinkhorn (the one-launch kernel on CUDA) if it also runs inside a compiled
     graph and matches the array expression there; else the compiled array expression."""
-    from ds4_agent.engine.fused import _use_cuda, make_sinkhorn, sinkhorn_reference
+    from ds4_agent.engine.fused import make_sinkhorn, sinkhorn_reference, use_cuda
 
     cfg = model.cfg
     fn = model._sinkhorn
-    if not _use_cuda():
+    if not use_cuda():
         return fn, "model Sinkhorn"
     try:
         c = mx.random.normal((3, cfg.hc_mult, cfg.hc_mult), key=mx.random.key(7)) * 4

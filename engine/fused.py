@@ -10,6 +10,7 @@ and as the compiled array expression elsewhere (CPU, where the tests run).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -46,22 +47,21 @@ _CUDA_SOURCE = """
     for (int k = 0; k < HC * HC; ++k) out[r * HC * HC + k] = c[k];
 """
 
-_kernel = None
+
+@functools.cache
+def cuda_kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], source: str):
+    """The `mx.fast.cuda_kernel` of this source, built once per process and reused by every
+    call (the kernels of engine/fused.py and engine/decode_kernels.py)."""
+    return mx.fast.cuda_kernel(
+        name=name, input_names=list(inputs), output_names=list(outputs), source=source
+    )
 
 
 def _cuda_kernel():
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(
-            name="ds4_sinkhorn",
-            input_names=["comb", "eps_in", "n_in"],
-            output_names=["out"],
-            source=_CUDA_SOURCE,
-        )
-    return _kernel
+    return cuda_kernel("ds4_sinkhorn", ("comb", "eps_in", "n_in"), ("out",), _CUDA_SOURCE)
 
 
-def _use_cuda() -> bool:
+def use_cuda() -> bool:
     try:
         return mx.default_device() == mx.gpu and mx.cuda.is_available()
     except AttributeError:  # builds without the CUDA module
@@ -86,7 +86,7 @@ def make_sinkhorn(
     `fused=None` picks the one-launch kernel on CUDA and the compiled expression elsewhere."""
     ref = mx.compile(lambda c: sinkhorn_reference(c, iters, eps))
     if fused is None:
-        fused = _use_cuda()
+        fused = use_cuda()
     if not fused:
         return ref
     eps_arr = mx.array([eps], dtype=mx.float32)

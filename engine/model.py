@@ -71,15 +71,9 @@ def linear(x: mx.array, w: Weight) -> mx.array:
 def _rows(w: Weight, a: int, b: int) -> Weight:
     """Output rows a..b of a (possibly quantized) matrix."""
     if isinstance(w, QuantizedTensor):
-        return QuantizedTensor(
-            w.weight[a:b],
-            w.scales[a:b],
-            w.biases[a:b] if w.biases is not None else None,
-            w.mode,
-            w.bits,
-            w.group_size,
-            w.input_dtype,
-        )
+        # `replace` keeps every other field (format, input dtype) as the whole matrix has it.
+        biases = w.biases[a:b] if w.biases is not None else None
+        return replace(w, weight=w.weight[a:b], scales=w.scales[a:b], biases=biases)
     return w[a:b]
 
 

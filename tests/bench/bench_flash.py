@@ -309,9 +309,9 @@ def one_launch_sinkhorn(engine: Engine):
     verified FP8/FP4 rounding kernels (engine/decode_kernels.py, ~12-15 ops as arrays)."""
     from ds4_agent.engine import decode_step
     from ds4_agent.engine.decode_kernels import Rounders
-    from ds4_agent.engine.fused import _use_cuda
+    from ds4_agent.engine.fused import use_cuda
 
-    if _use_cuda():
+    if use_cuda():
         yield "CUDA kernels as they run"
         return
     model = engine.model
@@ -467,9 +467,9 @@ def _profile_layer(engine: Engine, base, ctx: int, i: int, r: int) -> None:
 
 def check_sinkhorn(cfg: ModelConfig) -> None:
     """The fused Sinkhorn kernel against the array expression, on fresh random inputs."""
-    from ds4_agent.engine.fused import _use_cuda, make_sinkhorn
+    from ds4_agent.engine.fused import make_sinkhorn, use_cuda
 
-    if not _use_cuda():
+    if not use_cuda():
         record("check", "sinkhorn_fused", 0, "", "no CUDA: the engine runs the array expression")
         return
     fused = make_sinkhorn(cfg.hc_sinkhorn_iters, cfg.hc_eps, fused=True)
