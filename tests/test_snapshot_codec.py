@@ -178,6 +178,18 @@ def test_compiled_and_numpy_quantizers_agree(fmt):
     assert np.array_equal(bf, np.all((blocks.view(np.uint32) & 0xFFFF) == 0, axis=-1))
 
 
+def _assert_compiled_decode_equals_numpy(enc, x, n_layers: int, m: int, monkeypatch) -> None:
+    """Decoded into [n_layers, m + 9, d] at row offset 5 (NaN elsewhere): the compiled kernels
+    and the numpy fallback write the same bits, and those bits are x's."""
+    compiled = np.full((n_layers, m + 9, x.shape[1]), np.nan, np.float32)
+    codec.decode_rows_into(enc, compiled, 5)
+    monkeypatch.setattr(codec, "_jit", None)
+    plain = np.full_like(compiled, np.nan)
+    codec.decode_rows_into(enc, plain, 5)
+    assert np.array_equal(bits(compiled), bits(plain))
+    assert np.array_equal(bits(compiled[:, 5 : 5 + m].reshape(x.shape)), bits(x))
+
+
 @pytest.mark.parametrize("fmt_name", ["e4m3", "e2m1", "f32"])
 def test_decode_into_place_compiled_and_numpy_agree(fmt_name, monkeypatch):
     """The restore path (decode_rows_into) gives the same bits with and without numba, for
@@ -199,13 +211,7 @@ def test_decode_into_place_compiled_and_numpy_agree(fmt_name, monkeypatch):
     enc = codec.encode_rows(x, fmt_name)
     if fmt_name != "f32":
         assert enc.modes == "qqqbf" and "x_idx" in enc.parts and "tail" in enc.parts
-    compiled = np.full((n_layers, m + 9, x.shape[1]), np.nan, np.float32)
-    codec.decode_rows_into(enc, compiled, 5)
-    monkeypatch.setattr(codec, "_jit", None)
-    plain = np.full_like(compiled, np.nan)
-    codec.decode_rows_into(enc, plain, 5)
-    assert np.array_equal(bits(compiled), bits(plain))
-    assert np.array_equal(bits(compiled[:, 5 : 5 + m].reshape(x.shape)), bits(x))
+    _assert_compiled_decode_equals_numpy(enc, x, n_layers, m, monkeypatch)
 
 
 @pytest.mark.parametrize("fmt", [codec.E4M3, codec.E2M1])
@@ -277,13 +283,7 @@ def test_decode_into_place_all_q_layout_compiled_and_numpy_agree(monkeypatch):
     x[::9, 5] = rng.standard_normal(len(x[::9]))  # exceptions
     enc = codec.encode_rows(x, "e2m1")
     assert enc.modes == "qqqq" and "x_idx" in enc.parts
-    compiled = np.full((n_layers, m + 9, d), np.nan, np.float32)
-    codec.decode_rows_into(enc, compiled, 5)
-    monkeypatch.setattr(codec, "_jit", None)
-    plain = np.full_like(compiled, np.nan)
-    codec.decode_rows_into(enc, plain, 5)
-    assert np.array_equal(bits(compiled), bits(plain))
-    assert np.array_equal(bits(compiled[:, 5 : 5 + m].reshape(x.shape)), bits(x))
+    _assert_compiled_decode_equals_numpy(enc, x, n_layers, m, monkeypatch)
 
 
 def test_fill_rows_compiled_and_numpy_agree(monkeypatch):
